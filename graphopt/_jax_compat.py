@@ -1,0 +1,154 @@
+"""Every use of JAX internals in graphopt, in one place.
+
+graphopt reads jaxprs (to trace) and re-binds primitives (to lower). Both need a few objects that JAX
+does not export publicly: the control-flow primitives, the aval class, source information. A JAX
+upgrade that moves any of them should touch this file only.
+
+Example:
+    >>> from graphopt import _jax_compat as compat
+    >>> compat.primitive_kind(compat.SCAN)
+    'scan'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax._src import core as _core
+from jax._src import source_info_util as _source_info
+from jax._src import ad_checkpoint as _ad_checkpoint
+from jax._src import custom_derivatives as _custom
+from jax._src.lax import lax as _lax_internal
+from jax._src.lax.control_flow import conditionals as _conditionals
+from jax._src.lax.control_flow import loops as _loops
+
+Primitive = _core.Primitive
+ClosedJaxpr = _core.ClosedJaxpr
+Jaxpr = _core.Jaxpr
+Literal = _core.Literal
+DropVar = _core.DropVar
+ShapedArray = _core.ShapedArray
+
+SCAN = _loops.scan_p
+WHILE = _loops.while_p
+COND = _conditionals.cond_p
+REMAT = _ad_checkpoint.remat_p
+CUSTOM_JVP = _custom.custom_jvp_call_p
+CUSTOM_VJP = _custom.custom_vjp_call_p
+
+
+def _find_jit_primitive():
+    from jax._src import pjit
+
+    return getattr(pjit, "jit_p", None) or getattr(pjit, "pjit_p")
+
+
+# Call-like primitives whose body is inlined into the enclosing graph: nested jit and plain calls.
+_INLINED = {_find_jit_primitive(), _core.closed_call_p, _core.call_p}
+
+_KINDS = {
+    SCAN: "scan",
+    WHILE: "while",
+    COND: "cond",
+    REMAT: "remat",
+    CUSTOM_JVP: "custom_jvp_call",
+    CUSTOM_VJP: "custom_vjp_call",
+}
+
+
+def primitive_kind(primitive: Primitive) -> str:
+    """Return 'inline', a region-op name ('scan', 'while', ...), or 'primitive'."""
+    if primitive in _INLINED:
+        return "inline"
+    return _KINDS.get(primitive, "primitive")
+
+
+def inlined_jaxpr(params: dict) -> ClosedJaxpr:
+    """The body of an inlined call primitive as a ClosedJaxpr."""
+    jaxpr = params.get("jaxpr", params.get("call_jaxpr"))
+    return jaxpr if isinstance(jaxpr, ClosedJaxpr) else ClosedJaxpr(jaxpr, ())
+
+
+def has_subjaxprs(params: dict) -> bool:
+    """Whether a primitive's params hold jaxprs (a higher-order primitive graphopt doesn't know)."""
+    return any(True for _ in _core.jaxprs_in_params(params))
+
+
+def closed(jaxpr: Jaxpr | ClosedJaxpr) -> ClosedJaxpr:
+    return jaxpr if isinstance(jaxpr, ClosedJaxpr) else ClosedJaxpr(jaxpr, ())
+
+
+def shaped_array(shape: Sequence[int], dtype: Any, weak_type: bool = False) -> ShapedArray:
+    return ShapedArray(tuple(shape), dtype, weak_type=weak_type)
+
+
+def abstract_eval(primitive: Primitive, in_avals: Sequence[ShapedArray], params: dict):
+    """Run a primitive's shape rule. Returns (list of out avals, effects)."""
+    out, effects = primitive.abstract_eval(*in_avals, **params)
+    return (list(out) if primitive.multiple_results else [out]), effects
+
+
+def bind(primitive: Primitive, args: Sequence[Any], params: dict) -> list:
+    """Bind a primitive on the current trace, as `jax.core.eval_jaxpr` does."""
+    bind_params = primitive.get_bind_params(params)
+    if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+        subfuns, bind_params = bind_params
+        out = primitive.bind(*subfuns, *args, **bind_params)
+    else:
+        out = primitive.bind(*args, **bind_params)
+    return list(out) if primitive.multiple_results else [out]
+
+
+def make_constant(value: Any, dtype: Any, weak_type: bool):
+    """A constant of exactly this dtype and weak type (weak types decide later promotions)."""
+    if not weak_type:
+        return value if isinstance(value, jax.Array) else jax.numpy.asarray(value, dtype)
+    return _lax_internal._convert_element_type(value, dtype, weak_type=True)
+
+
+def rebind_custom_call(primitive: Primitive, args: Sequence[Any], body: Callable,
+                       body_avals: Sequence[ShapedArray], params: dict) -> list:
+    """Re-bind custom_jvp_call / custom_vjp_call with a (possibly rewritten) primal body.
+
+    The user's derivative rule (jvp, fwd/bwd) is kept as traced; only the primal computation
+    comes from graphopt's region, re-traced into a jaxpr here.
+    """
+    call_jaxpr = jax.make_jaxpr(lambda *xs: list(body(*xs)))(*body_avals)
+    return bind(primitive, args, {**params, "call_jaxpr": call_jaxpr})
+
+
+def make_jaxpr_with_shape(fn: Callable, args: Sequence[Any]):
+    return jax.make_jaxpr(fn, return_shape=True)(*args)
+
+
+# --- source information -------------------------------------------------------------------------
+
+def name_stack(source_info) -> str:
+    return str(source_info.name_stack)
+
+
+def traceback_of(source_info):
+    return source_info.traceback
+
+
+def frames(traceback) -> list[tuple[str, int, str]]:
+    """(file, line, function) for each frame of a JAX traceback, innermost first."""
+    if traceback is None:
+        return []
+    return [(f.file_name, f.line_num, f.function_name) for f in traceback.frames]
+
+
+def user_frame(traceback) -> tuple[str, int, str] | None:
+    """The innermost frame outside JAX, as JAX's own error messages choose it."""
+    frame = _source_info.user_frame(traceback)
+    return None if frame is None else (frame.file_name, frame.start_line, frame.function_name)
+
+
+def literal_value(literal: Literal):
+    return literal.val
+
+
+def aval_of(atom):
+    return atom.aval

@@ -1,0 +1,88 @@
+"""`@graphopt.optimize`: trace on first call, run the pipeline, lower, jit; once per signature.
+
+Example:
+    >>> import graphopt, jax.numpy as jnp
+    >>> @graphopt.optimize
+    ... def f(x):
+    ...     return jnp.tanh(x) * 2
+    >>> f(jnp.zeros(3)).tolist()
+    [0.0, 0.0, 0.0]
+    >>> [n.op.name for n in f.graph.nodes]
+    ['tanh', 'mul']
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from graphopt.frameworks import adapt
+from graphopt.ir import Graph
+from graphopt.lowering.emit import lower
+from graphopt.pipeline import PipelineSpec, resolve, run_pipeline
+from graphopt.trace import trace
+
+
+def optimize(fn: Callable | None = None, *, pipeline: PipelineSpec = "default", params_argnums=None,
+             static_argnums=(), jit: bool = True):
+    """Optimize a model function (or nnx / Equinox module); use as `@optimize` or `@optimize(...)`.
+
+    Each new input signature (tree structure, shapes, dtypes, static values) is traced, rewritten
+    by `pipeline` and lowered once; later calls with that signature reuse the compiled function.
+    `.graph` is the optimized graph of the latest signature, `.graphs` all of them.
+    """
+    if fn is None:
+        return functools.partial(optimize, pipeline=pipeline, params_argnums=params_argnums,
+                                 static_argnums=static_argnums, jit=jit)
+    resolve(pipeline)  # reject unknown pipelines at decoration time, not on first call
+    return Optimized(fn, pipeline, params_argnums, static_argnums, jit)
+
+
+class Optimized:
+    """A model wrapped by `optimize`. Call it like the model."""
+
+    def __init__(self, fn, pipeline, params_argnums, static_argnums, jit):
+        self.fn = fn
+        self.pipeline = pipeline
+        self.params_argnums = params_argnums
+        self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+        self.jit = jit
+        self.graphs: dict[Any, Graph] = {}
+        self._compiled: dict[Any, Callable] = {}
+        self.graph: Graph | None = None
+        functools.update_wrapper(self, fn, updated=())
+
+    def __call__(self, *args):
+        static = {i % len(args) for i in self.static_argnums}
+        dynamic = tuple(a for i, a in enumerate(args) if i not in static)
+        # nnx / Equinox modules: read the module's current state on every call.
+        call_args = adapt(self.fn, dynamic, self.params_argnums).args \
+            if not static else dynamic
+        key = (_signature_key(call_args), tuple((i, _static_key(args[i])) for i in sorted(static)))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            graph = trace(self.fn, *args, params_argnums=self.params_argnums,
+                          static_argnums=self.static_argnums)
+            graph = run_pipeline(graph, self.pipeline)
+            lowered = lower(graph)
+            compiled = jax.jit(lowered) if self.jit else lowered
+            self.graphs[key], self._compiled[key] = graph, compiled
+        self.graph = self.graphs[key]
+        return compiled(*call_args)
+
+
+def _signature_key(args) -> tuple:
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    return tree, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__)),
+                        bool(getattr(x, "weak_type", False))) for x in leaves)
+
+
+def _static_key(value):
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return id(value)

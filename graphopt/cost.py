@@ -1,0 +1,80 @@
+"""FLOP and byte estimates per node and per graph, for summaries and pass reports.
+
+Conventions (those of XLA's cost analysis and most papers): a multiply-add is 2 FLOPs, so
+`dot_general` costs 2·|out|·K and a convolution 2·|out|·(kernel elements per output feature);
+elementwise arithmetic costs 1 per output element; reductions 1 per input element; data movement
+(reshape, transpose, slice, convert, ...) costs 0. A scan body counts `length` times, a cond its
+most expensive branch; a while loop's trip count is unknown, so its body counts once and the total
+is marked a lower bound.
+
+Example:
+    >>> import graphopt, jax.numpy as jnp
+    >>> g = graphopt.trace(lambda a, b: a @ b, jnp.ones((8, 16)), jnp.ones((16, 4)))
+    >>> graph_flops(g)
+    (1024, True)
+"""
+
+from __future__ import annotations
+
+import math
+
+ELEMENTWISE = frozenset("""
+add sub mul div rem pow integer_pow max min neg abs sign floor ceil round nextafter
+exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan atan2 sinh cosh asinh acosh atanh
+sqrt rsqrt cbrt square erf erfc erf_inv lgamma digamma igamma is_finite
+eq ne lt le gt ge and or not xor select_n clamp add_any
+""".split())
+
+REDUCTIONS = frozenset("""
+reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax argmin
+cumsum cumprod cummax cummin cumlogsumexp
+""".split())
+
+
+def node_flops(node) -> tuple[int, bool]:
+    """(FLOPs of this node including its regions, whether the count is exact)."""
+    name = node.op.name
+    if name == "dot_general":
+        (lhs_contract, _), _ = node.params["dimension_numbers"]
+        k = math.prod(node.inputs[0].type.shape[d] for d in lhs_contract)
+        return 2 * node.outputs[0].type.size * k, True
+    if name == "conv_general_dilated":
+        rhs = node.inputs[1].type.shape
+        out_feature_dim = node.params["dimension_numbers"].rhs_spec[0]
+        per_output = math.prod(rhs) // max(rhs[out_feature_dim], 1)
+        return 2 * node.outputs[0].type.size * per_output, True
+    if name in ELEMENTWISE:
+        return node.outputs[0].type.size, True
+    if name in REDUCTIONS:
+        return node.inputs[0].type.size, True
+    if node.regions:
+        return _region_flops(node)
+    return 0, node.op.kind != "opaque"
+
+
+def _region_flops(node) -> tuple[int, bool]:
+    counts = [graph_flops(r) for r in node.regions]
+    exact = all(e for _, e in counts)
+    if node.op.name == "scan":
+        return counts[0][0] * node.params["length"], exact
+    if node.op.name == "cond":
+        return max(c for c, _ in counts), False if len(counts) > 1 else exact
+    if node.op.name == "while":
+        return sum(c for c, _ in counts), False
+    return sum(c for c, _ in counts), exact
+
+
+def graph_flops(graph) -> tuple[int, bool]:
+    """(total FLOPs, whether exact) over the graph's nodes."""
+    total, exact = 0, True
+    for node in graph.nodes:
+        flops, node_exact = node_flops(node)
+        total += flops
+        exact = exact and node_exact
+    return total, exact
+
+
+def param_stats(graph) -> tuple[int, int]:
+    """(number of parameter elements, parameter bytes) over the graph's `param` inputs."""
+    params = graph.params()
+    return sum(p.type.size for p in params), sum(p.type.nbytes for p in params)

@@ -1,0 +1,33 @@
+"""graphopt's exceptions. Each says what went wrong, where (op, module path, source line), and what to do.
+
+Example:
+    >>> raise TraceError("cannot trace f: ...")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+
+class GraphoptError(Exception):
+    """Base class of every error graphopt raises on purpose."""
+
+
+class GraphError(GraphoptError):
+    """A graph invariant is broken, or a rewrite asked for something the IR cannot hold.
+
+    When a node is given, the message ends with its op, module path and source line.
+    """
+
+    def __init__(self, message: str, node=None):
+        self.node = node
+        where = ""
+        if node is not None and getattr(node, "provenance", None) is not None:
+            where = f"\n  at node {node.op.name} ({node.provenance.describe()})"
+        super().__init__(message + where)
+
+
+class TraceError(GraphoptError):
+    """A function could not be traced into a graph."""
+
+
+class SignatureError(GraphoptError, TypeError):
+    """A lowered graph was called with arguments that do not match the traced signature."""

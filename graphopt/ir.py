@@ -1,0 +1,378 @@
+"""graphopt's IR: a typed SSA graph with regions, parameter roles and provenance.
+
+- A `Graph` holds its inputs (`Argument`s with a role, `param` or `input`, and a pytree path), an
+  ordered list of `Node`s, and its outputs. Nested computations (scan bodies, while and cond
+  branches, remat, custom derivatives) are sub-graphs in `node.regions`; a region sees only its own
+  inputs, so every value belongs to exactly one graph.
+- Each `Node` has an `Op` and params; its output types come from the op's shape rule when the node
+  is built. Rewiring keeps types (`replace_all_uses` refuses a value of another type), so types
+  cannot go stale.
+- Use lists are kept by the graph: passes call `add_node`, `replace_all_uses`, `set_input` and
+  `erase`, never edit `inputs` or `uses` themselves.
+
+Example:
+    >>> import jax, numpy as np
+    >>> from graphopt.types import TensorType
+    >>> from graphopt.ops import primitive_op
+    >>> g = Graph()
+    >>> x = g.add_input(TensorType((3,), np.float32), path="x")
+    >>> y = g.add_node(primitive_op(jax.lax.sin_p), [x]).output
+    >>> g.set_outputs([y])
+    >>> g.verify()
+    >>> print(g)
+    graph(%x: f32[3]) {
+      %0 = sin %x : f32[3]
+      return %0
+    }
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+from graphopt import _jax_compat as compat
+from graphopt.errors import GraphError
+from graphopt.ops import CONSTANT, Op, constant_params
+from graphopt.types import TensorType
+
+
+class Value:
+    """An SSA value: the output `index` of `node` (or a graph input, see `Argument`)."""
+
+    __slots__ = ("type", "node", "index", "uses")
+
+    def __init__(self, type: TensorType, node: "Node | None", index: int):
+        self.type = type
+        self.node = node
+        self.index = index
+        # (node, operand index); node is None for a use as a graph output at that position.
+        self.uses: list[tuple[Node | None, int]] = []
+
+    @property
+    def graph(self) -> "Graph":
+        return self.node.graph
+
+    def users(self) -> list["Node"]:
+        """Distinct nodes that read this value, in use order."""
+        seen = {}
+        for node, _ in self.uses:
+            if node is not None:
+                seen.setdefault(id(node), node)
+        return list(seen.values())
+
+    def __repr__(self):
+        return f"<Value {self.type} of {self.node.op.name if self.node else 'input'}>"
+
+
+class Argument(Value):
+    """A graph input. `role` is "param" (a weight; frozen at inference) or "input"."""
+
+    __slots__ = ("role", "path", "_graph")
+
+    def __init__(self, type: TensorType, graph: "Graph", index: int, role: str, path: str):
+        super().__init__(type, None, index)
+        if role not in ("param", "input"):
+            raise ValueError(f"input role must be 'param' or 'input', got {role!r}")
+        self.role = role
+        self.path = path
+        self._graph = graph
+
+    @property
+    def graph(self) -> "Graph":
+        return self._graph
+
+    def __repr__(self):
+        return f"<Argument {self.role} {self.path or self.index}: {self.type}>"
+
+
+class Provenance:
+    """Where a node came from: module path (name stack), source line, and the pass that made it.
+
+    The source line is computed from the JAX traceback when first asked for: most nodes are never
+    printed, and resolving tracebacks for every node would dominate tracing time.
+    """
+
+    __slots__ = ("module_path", "made_by", "_traceback", "_source")
+
+    def __init__(self, module_path: str = "", traceback=None, made_by: str | None = None,
+                 source: tuple[str, int, str] | None = None):
+        self.module_path = module_path
+        self.made_by = made_by
+        self._traceback = traceback
+        self._source = source
+
+    @property
+    def frame(self) -> tuple[str, int, str] | None:
+        """(file, line, function) of the innermost frame in the user's code, if known."""
+        if self._source is None and self._traceback is not None:
+            self._source = _user_frame(self._traceback)
+            self._traceback = None
+        return self._source
+
+    @property
+    def source(self) -> str:
+        """'file.py:LINE' of the innermost frame in the user's code, or ''."""
+        frame = self.frame
+        return f"{os.path.basename(frame[0])}:{frame[1]}" if frame else ""
+
+    def derived(self, made_by: str) -> "Provenance":
+        """The same origin, marked as rewritten by pass `made_by`."""
+        return Provenance(self.module_path, self._traceback, made_by, self._source)
+
+    def describe(self) -> str:
+        parts = [p for p in (self.module_path, self.source) if p]
+        if self.made_by:
+            parts.append(f"made by {self.made_by}")
+        return ", ".join(parts) or "unknown origin"
+
+
+def _library_dirs() -> tuple[str, ...]:
+    import importlib.util
+
+    dirs = []
+    for name in ("jax", "jaxlib", "flax", "equinox", "optax", "keras", "numpy", "ml_dtypes"):
+        spec = importlib.util.find_spec(name)
+        if spec and spec.submodule_search_locations:
+            dirs.extend(os.path.realpath(p) + os.sep for p in spec.submodule_search_locations)
+    here = os.path.dirname(os.path.realpath(__file__))
+    dirs += [os.path.join(here, f) for f in ("trace.py", "frameworks.py", "api.py")]
+    dirs.append(os.path.join(os.path.dirname(here), "lowering") + os.sep)
+    return tuple(dirs)
+
+
+_LIBRARY_DIRS: tuple[str, ...] | None = None
+
+
+def _user_frame(traceback):
+    """First frame outside JAX and the model libraries; JAX's own choice if all frames are."""
+    global _LIBRARY_DIRS
+    if _LIBRARY_DIRS is None:
+        _LIBRARY_DIRS = _library_dirs()
+    for file, line, function in compat.frames(traceback):
+        if not os.path.realpath(file).startswith(_LIBRARY_DIRS) and not file.startswith("<frozen"):
+            return (file, line, function)
+    return compat.user_frame(traceback)
+
+
+class Node:
+    """One operation: `op` applied to `inputs` with `params`, producing `outputs`."""
+
+    __slots__ = ("op", "inputs", "outputs", "params", "regions", "provenance", "effects",
+                 "graph", "_prev", "_next")
+
+    @property
+    def output(self) -> Value:
+        """The single output (error if the node has several)."""
+        if len(self.outputs) != 1:
+            raise GraphError(f"{self.op.name} has {len(self.outputs)} outputs; use .outputs", self)
+        return self.outputs[0]
+
+    @property
+    def input_types(self) -> list[TensorType]:
+        return [v.type for v in self.inputs]
+
+    def set_input(self, index: int, value: Value) -> None:
+        """Rewire operand `index` to `value`, which must have the same type."""
+        old = self.inputs[index]
+        _check_same_type(old, value, self)
+        old.uses.remove((self, index))
+        self.inputs[index] = value
+        value.uses.append((self, index))
+
+    def describe(self) -> str:
+        return f"{self.op.name} ({self.provenance.describe()})"
+
+    def __repr__(self):
+        return f"<Node {self.op.name} -> {', '.join(str(v.type) for v in self.outputs)}>"
+
+
+class Graph:
+    """A typed SSA graph: inputs, ordered nodes, outputs. See the module docstring."""
+
+    def __init__(self, name: str = "graph"):
+        self.name = name
+        self.inputs: list[Argument] = []
+        self.outputs: list[Value] = []
+        self.in_tree = None   # pytree structure of the traced function's arguments
+        self.out_tree = None  # ... and of its result
+        self.parent: Node | None = None  # the node holding this graph, for a region
+        self._first: Node | None = None
+        self._last: Node | None = None
+        self._len = 0
+
+    # --- building ------------------------------------------------------------------------------
+
+    def add_input(self, type: TensorType, role: str = "input", path: str = "") -> Argument:
+        arg = Argument(type, self, len(self.inputs), role, path)
+        self.inputs.append(arg)
+        return arg
+
+    def add_node(self, op: Op, inputs: Sequence[Value], params: dict | None = None,
+                 regions: Sequence["Graph"] = (), provenance: Provenance | None = None, *,
+                 before: Node | None = None, after: Node | None = None,
+                 _types: Sequence[TensorType] | None = None, _effects=None) -> Node:
+        """Create a node, compute its output types from the op's shape rule, and insert it.
+
+        Inserted at the end, or `before`/`after` an existing node of this graph. (`_types` and
+        `_effects` are for the tracer only: types JAX already computed with the same rules.)
+        """
+        params = dict(params or {})
+        inputs = list(inputs)
+        for value in inputs:
+            if value.graph is not self:
+                raise GraphError(f"{op.name}: an input belongs to another graph "
+                                 "(regions only see their own inputs)")
+        node = Node.__new__(Node)
+        node.op, node.inputs, node.params = op, inputs, params
+        node.regions = tuple(regions)
+        node.provenance = provenance or Provenance()
+        node.graph = self
+        in_types = [v.type for v in inputs]
+        if _types is None:
+            try:
+                _types = op.infer(in_types, params, node.regions)
+            except Exception as err:
+                raise GraphError(f"{op.name}: inputs ({', '.join(map(str, in_types))}) are not "
+                                 f"accepted: {err}", node) from err
+            if _types is None:
+                raise GraphError(f"{op.name} is opaque: its output types must come from a trace", node)
+            _effects = op.effects(in_types, params) if _effects is None else _effects
+        node.effects = frozenset(_effects or ())
+        node.outputs = tuple(Value(t, node, i) for i, t in enumerate(_types))
+        for region in node.regions:
+            region.parent = node
+        for i, value in enumerate(inputs):
+            value.uses.append((node, i))
+        self._link(node, before, after)
+        return node
+
+    def constant(self, value, dtype=None, weak_type: bool = False, *, before: Node | None = None,
+                 provenance: Provenance | None = None) -> Value:
+        """Add a constant node holding `value` (kept as given, never copied) and return its value."""
+        return self.add_node(CONSTANT, [], constant_params(value, dtype, weak_type),
+                             provenance=provenance, before=before).output
+
+    def set_outputs(self, values: Sequence[Value]) -> None:
+        for i, value in enumerate(self.outputs):
+            value.uses.remove((None, i))
+        self.outputs = list(values)
+        for i, value in enumerate(self.outputs):
+            if value.graph is not self:
+                raise GraphError("a graph output belongs to another graph")
+            value.uses.append((None, i))
+
+    # --- rewriting -----------------------------------------------------------------------------
+
+    def replace_all_uses(self, old: Value, new: Value) -> None:
+        """Make every reader of `old` (nodes and graph outputs) read `new` instead."""
+        if old is new:
+            return
+        _check_same_type(old, new, old.node)
+        if new.graph is not self or old.graph is not self:
+            raise GraphError("replace_all_uses: both values must belong to this graph")
+        for node, i in old.uses:
+            if node is None:
+                self.outputs[i] = new
+            else:
+                node.inputs[i] = new
+            new.uses.append((node, i))
+        old.uses = []
+
+    def erase(self, node: Node) -> None:
+        """Remove a node whose outputs are unused."""
+        if node.graph is not self:
+            raise GraphError("erase: the node belongs to another graph", node)
+        for value in node.outputs:
+            if value.uses:
+                raise GraphError(f"cannot erase {node.op.name}: output {value.index} still has "
+                                 f"{len(value.uses)} use(s); replace_all_uses first", node)
+        for i, value in enumerate(node.inputs):
+            value.uses.remove((node, i))
+        prev, nxt = node._prev, node._next
+        if prev is None:
+            self._first = nxt
+        else:
+            prev._next = nxt
+        if nxt is None:
+            self._last = prev
+        else:
+            nxt._prev = prev
+        node._prev = node._next = None
+        node.graph = None
+        self._len -= 1
+
+    def _link(self, node: Node, before: Node | None, after: Node | None) -> None:
+        if before is not None and after is not None:
+            raise GraphError("add_node: give `before` or `after`, not both")
+        anchor = before or after
+        if anchor is not None and anchor.graph is not self:
+            raise GraphError("add_node: the anchor node belongs to another graph", anchor)
+        if before is not None:
+            prev, nxt = before._prev, before
+        elif after is not None:
+            prev, nxt = after, after._next
+        else:
+            prev, nxt = self._last, None
+        node._prev, node._next = prev, nxt
+        if prev is None:
+            self._first = node
+        else:
+            prev._next = node
+        if nxt is None:
+            self._last = node
+        else:
+            nxt._prev = node
+        self._len += 1
+
+    # --- reading -------------------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> Iterator[Node]:
+        """Nodes in order. Erasing the current node while iterating is allowed."""
+        node = self._first
+        while node is not None:
+            nxt = node._next
+            yield node
+            node = nxt
+
+    def walk(self) -> Iterator[Node]:
+        """Every node, regions included (a region's nodes follow the node that holds it)."""
+        for node in self.nodes:
+            yield node
+            for region in node.regions:
+                yield from region.walk()
+
+    def params(self) -> list[Argument]:
+        return [a for a in self.inputs if a.role == "param"]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __str__(self) -> str:
+        from graphopt.show import format_graph
+
+        return format_graph(self)
+
+    def summary(self):
+        """Counts by op, parameter count and bytes, FLOPs. See `graphopt.show.Summary`."""
+        from graphopt.show import summarize
+
+        return summarize(self)
+
+    # --- checking ------------------------------------------------------------------------------
+
+    def verify(self) -> None:
+        """Check the invariants: links, SSA order, use lists, types from shape rules, regions.
+
+        Raises GraphError naming the node (op, module path, source line) on the first violation.
+        """
+        from graphopt.verify import verify_graph
+
+        verify_graph(self)
+
+
+def _check_same_type(old: Value, new: Value, node) -> None:
+    if old.type != new.type:
+        raise GraphError(f"type mismatch: cannot replace a {old.type} value with a {new.type} value "
+                         "(a rewrite must preserve types; insert a convert or reshape)", node)

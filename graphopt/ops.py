@@ -1,0 +1,141 @@
+"""What a node computes: JAX primitives, opaque primitives, and graphopt's own ops.
+
+Every op has a name and a shape rule (`infer`), so a node's output types are always computed from
+its inputs and never stored by hand. Three kinds:
+
+- `PrimitiveOp`: a JAX primitive, kept with its params; its shape rule is the primitive's own.
+- `OpaqueOp`: a higher-order primitive graphopt does not model (shard_map, pallas_call, ...). It is
+  carried through unchanged, its jaxpr params included, and lowers back exactly as traced.
+- `OpDef`: an op defined by graphopt (constants, control flow with regions, later fused ops), with a
+  Python shape rule and a reference implementation used by the lowering.
+
+Example:
+    >>> import jax, numpy as np
+    >>> from graphopt.types import TensorType
+    >>> op = primitive_op(jax.lax.sin_p)
+    >>> op.infer([TensorType((3,), np.float32)], {}, ())
+    [TensorType(f32[3])]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from graphopt import _jax_compat as compat
+from graphopt.types import TensorType
+
+
+class Op:
+    """Base class: a name, whether it yields several results, and a shape rule."""
+
+    name: str = "?"
+    kind: str = "?"
+
+    def infer(self, in_types: Sequence[TensorType], params: dict, regions: Sequence) -> list[TensorType] | None:
+        """Output types for these inputs, or None when the op cannot say (opaque ops)."""
+        raise NotImplementedError(type(self).__name__)
+
+    def effects(self, in_types: Sequence[TensorType], params: dict) -> frozenset:
+        return frozenset()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name})"
+
+
+class PrimitiveOp(Op):
+    """A JAX primitive. Use `primitive_op(p)`, which shares one instance per primitive."""
+
+    kind = "primitive"
+
+    def __init__(self, primitive: compat.Primitive):
+        self.primitive = primitive
+        self.name = primitive.name
+
+    def _eval(self, in_types, params):
+        return compat.abstract_eval(self.primitive, [t.aval() for t in in_types], params)
+
+    def infer(self, in_types, params, regions):
+        return [TensorType.of_aval(a) for a in self._eval(in_types, params)[0]]
+
+    def effects(self, in_types, params):
+        return frozenset(self._eval(in_types, params)[1])
+
+
+class OpaqueOp(PrimitiveOp):
+    """A primitive graphopt does not look inside; its types are fixed by the trace."""
+
+    kind = "opaque"
+
+    def infer(self, in_types, params, regions):
+        return None
+
+
+_PRIMITIVE_OPS: dict[Any, PrimitiveOp] = {}
+
+
+def primitive_op(primitive, *, opaque: bool = False) -> PrimitiveOp:
+    key = (primitive, opaque)
+    op = _PRIMITIVE_OPS.get(key)
+    if op is None:
+        op = _PRIMITIVE_OPS[key] = (OpaqueOp if opaque else PrimitiveOp)(primitive)
+    return op
+
+
+class OpDef(Op):
+    """An op defined by graphopt.
+
+    Args:
+        name: the op name shown in listings and matched by passes.
+        infer: shape rule `(in_types, params, regions) -> list[TensorType]`; raises TypeError on
+            inputs the op does not accept.
+        impl: reference implementation `(*args, regions=[callables], **params) -> list of arrays`,
+            written with public JAX; the lowering uses it unless a backend kernel is registered.
+        region_names: names of the sub-graphs the op holds, e.g. ("cond", "body") for while.
+    """
+
+    kind = "graphopt"
+
+    def __init__(self, name: str, infer: Callable, impl: Callable, region_names: Sequence[str] = ()):
+        self.name = name
+        self._infer = infer
+        self.impl = impl
+        self.region_names = tuple(region_names)
+
+    def infer(self, in_types, params, regions):
+        return self._infer(list(in_types), params, list(regions))
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register(op: OpDef) -> OpDef:
+    """Add an OpDef to the registry by name (names are unique)."""
+    if op.name in OPS:
+        raise ValueError(f"graphopt op {op.name!r} is already registered")
+    OPS[op.name] = op
+    return op
+
+
+# --- constants -----------------------------------------------------------------------------------
+
+def _constant_infer(in_types, params, regions):
+    if in_types:
+        raise TypeError("constant takes no inputs")
+    value = params["value"]
+    return [TensorType(np.shape(value), params["dtype"], params["weak_type"])]
+
+
+def _constant_impl(*, regions, value, dtype, weak_type):
+    return [compat.make_constant(value, dtype, weak_type)]
+
+
+CONSTANT = register(OpDef("constant", _constant_infer, _constant_impl))
+
+
+def constant_params(value, dtype=None, weak_type: bool = False) -> dict:
+    """Params of a constant node. The value object is kept as given, never copied or modified."""
+    if dtype is None:
+        dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+    return {"value": value, "dtype": dtype, "weak_type": bool(weak_type)}

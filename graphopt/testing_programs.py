@@ -1,0 +1,589 @@
+"""Hypothesis strategies that generate random straight-line JAX programs.
+
+A :class:`Program` is an ordinary callable (``program(*program.args)`` runs
+it) made of a short list of instructions over ``jax.lax`` primitives, plus
+example inputs full of awkward values: NaN, ±Inf, −0, rank-0 and size-0
+arrays. It exists to fuzz graphopt's trace → lower round trip, so it
+deliberately exercises the things a tracer gets wrong: scalar literals,
+captured constants, implicit rank-0 broadcasting, nested ``jit`` calls,
+``custom_jvp`` functions, inputs returned as outputs, duplicated outputs.
+
+Example::
+
+    from hypothesis import given
+    from graphopt.testing import programs, equivalence_check
+
+    @given(programs())
+    def test_roundtrip(program):
+        equivalence_check(program, *program.args)
+
+Every operand is chosen so that the program is well defined: integer
+division guards its divisor, multi-operand sorts are stable, scatters never
+overwrite (only combine), so ``jax.jit(program)`` is deterministic and any
+faithful re-expression of it compiles to the same HLO and the same bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from hypothesis import strategies as st
+from jax import lax
+
+F32 = np.dtype(np.float32)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+I32 = np.dtype(np.int32)
+BOOL = np.dtype(np.bool_)
+FLOATS = (F32, BF16)
+NUMERIC = (F32, BF16, I32)
+ANY = (F32, BF16, I32, BOOL)
+
+_MAX_RANK = 4
+_MAX_SIZE = 256
+_SHORT = {F32: "f32", BF16: "bf16", I32: "i32", BOOL: "bool"}
+_INT_MIN = np.iinfo(np.int32).min
+
+# Values that break naive implementations come first so hypothesis shrinks
+# towards them; ordinary finite values are drawn separately.
+SPECIAL_FLOATS = (0.0, -0.0, 1.0, -1.0, math.nan, math.inf, -math.inf, 0.5, -2.5, 3.0,
+                  1e-3, 1e4, 1e30, -1e-40)
+SPECIAL_INTS = (0, 1, -1, 2, -7, 100, 65536, 2**31 - 1, _INT_MIN)
+
+
+def _elements(dtype: np.dtype) -> st.SearchStrategy:
+    if dtype == BOOL:
+        return st.booleans()
+    if dtype == I32:
+        return st.one_of(st.integers(-10, 10), st.sampled_from(SPECIAL_INTS))
+    return st.one_of(st.sampled_from(SPECIAL_FLOATS[:7]), st.sampled_from(SPECIAL_FLOATS[7:]),
+                     st.floats(-10, 10, width=32))
+
+
+def arrays(shape: tuple[int, ...], dtype: np.dtype) -> st.SearchStrategy[np.ndarray]:
+    """Strategy for a numpy array of ``shape``/``dtype`` rich in special values.
+
+    >>> arrays((2, 3), F32).example().shape
+    (2, 3)
+    """
+    n = math.prod(shape)
+    # Built through a list (not hypothesis.extra.numpy) because bfloat16 is
+    # not a dtype hypothesis knows, and sizes here are tiny anyway.
+    return st.lists(_elements(dtype), min_size=n, max_size=n).map(
+        lambda xs: np.asarray(xs, dtype=np.float64 if dtype in FLOATS else dtype)
+        .astype(dtype).reshape(shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Aval:
+    """Shape and dtype of a program value."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __str__(self) -> str:
+        return f"{_SHORT[self.dtype]}[{','.join(map(str, self.shape))}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Lit:
+    """A scalar literal operand (a numpy scalar, so JAX inlines it as a Literal)."""
+
+    value: Any
+
+    def __str__(self) -> str:
+        return f"{self.value.item()!r}:{_SHORT[np.dtype(type(self.value))]}"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Instr:
+    """``aval = fn(*args, **params)``; ``op`` is only used for printing."""
+
+    op: str
+    fn: Callable
+    args: tuple[int | Lit, ...]
+    params: dict
+    aval: Aval
+
+
+class Program:
+    """A random straight-line JAX program together with example arguments.
+
+    Call it like a function: ``program(*program.args)``. Its ``repr`` is a
+    jaxpr-like listing, which is what hypothesis prints for a failing case::
+
+        Program(x0: f32[2], x1: i32[]) -> (v3, x1)
+          v2: f32[2] = exp(x0)
+          v3: f32[2] = add(v2, np.float32(1.0):f32)
+        args:
+          x0 = array([nan, -0.], dtype=float32)
+          x1 = array(3, dtype=int32)
+    """
+
+    def __init__(self, in_avals, instrs, outputs, args):
+        self.in_avals: tuple[Aval, ...] = tuple(in_avals)
+        self.instrs: tuple[Instr, ...] = tuple(instrs)
+        self.outputs = outputs  # pytree whose leaves are value ids
+        self.args: tuple[np.ndarray, ...] = tuple(args)
+        self.__name__ = "program"  # so jax.jit & friends can name it
+
+    def __call__(self, *xs):
+        env = list(xs)
+        for ins in self.instrs:
+            operands = (a.value if isinstance(a, Lit) else env[a] for a in ins.args)
+            env.append(ins.fn(*operands, **ins.params))
+        return jax.tree.map(lambda i: env[i], self.outputs)
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """Names of the instructions, in program order."""
+        return tuple(ins.op for ins in self.instrs)
+
+    def _name(self, i) -> str:
+        if isinstance(i, Lit):
+            return str(i)
+        return f"x{i}" if i < len(self.in_avals) else f"v{i}"
+
+    def __repr__(self) -> str:
+        ins_str = ", ".join(f"x{i}: {a}" for i, a in enumerate(self.in_avals))
+        outs = jax.tree.map(lambda i: _Raw(self._name(i)), self.outputs)
+        lines = [f"Program({ins_str}) -> {outs}"]
+        for k, ins in enumerate(self.instrs, start=len(self.in_avals)):
+            params = ", ".join(f"{p}={_fmt(v)}" for p, v in ins.params.items())
+            args = ", ".join(self._name(a) for a in ins.args)
+            lines.append(f"  v{k}: {ins.aval} = {ins.op}{f'[{params}]' if params else ''}({args})")
+        lines.append("args:")
+        lines += [f"  x{i} = {_fmt(a)}" for i, a in enumerate(self.args)]
+        return "\n".join(lines)
+
+
+class _Raw(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, np.ndarray):
+        return np.array_repr(v, precision=8).replace("\n", " ")
+    if isinstance(v, np.dtype):
+        return _SHORT.get(v, str(v))
+    return repr(v)
+
+
+class _Builder:
+    """Accumulates well-typed instructions while drawing choices from hypothesis."""
+
+    def __init__(self, draw, in_avals):
+        self.draw = draw
+        self.avals: list[Aval] = list(in_avals)
+        self.instrs: list[Instr] = []
+
+    def choose(self, options):
+        return self.draw(st.sampled_from(tuple(options)))
+
+    def coin(self, p_true_in: int = 2) -> bool:
+        """True with probability 1/p_true_in (shrinks towards False)."""
+        return self.draw(st.integers(0, p_true_in - 1)) == p_true_in - 1
+
+    def emit(self, op: str, fn: Callable, *args, **params) -> int | None:
+        """Append ``fn(*args, **params)``; None if its result would be too big."""
+        specs = [a.value if isinstance(a, Lit) else
+                 jax.ShapeDtypeStruct(self.avals[a].shape, self.avals[a].dtype) for a in args]
+        out = jax.eval_shape(functools.partial(fn, **params), *specs)
+        aval = Aval(tuple(out.shape), np.dtype(out.dtype))
+        if len(aval.shape) > _MAX_RANK or math.prod(aval.shape) > _MAX_SIZE:
+            return None
+        self.instrs.append(Instr(op, fn, tuple(args), params, aval))
+        self.avals.append(aval)
+        return len(self.avals) - 1
+
+    def pick(self, dtypes=ANY, pred=lambda aval: True) -> int | None:
+        """An existing value with one of ``dtypes`` satisfying ``pred`` (recent first)."""
+        cands = [i for i, a in enumerate(self.avals) if a.dtype in dtypes and pred(a)]
+        return self.choose(cands[::-1]) if cands else None
+
+    def operand(self, dtypes, pred=lambda aval: True) -> int | None:
+        """Like :meth:`pick`, but converts a value of another dtype if needed."""
+        i = self.pick(dtypes, pred)
+        if i is None or self.coin(6):
+            j = self.pick(ANY, pred)
+            if j is not None:
+                dtype = self.choose(dtypes)
+                i = j if self.avals[j].dtype == dtype else self.convert(j, dtype)
+        return i
+
+    def convert(self, i: int, dtype: np.dtype) -> int:
+        return self.emit("convert_element_type", _convert, i, new_dtype=dtype)
+
+    def literal(self, dtype: np.dtype) -> Lit:
+        return Lit(self.draw(arrays((), dtype))[()])
+
+    def fit(self, shape: tuple[int, ...], dtype: np.dtype) -> int | Lit:
+        """A value of exactly ``shape``/``dtype``: reused, derived, or a new constant."""
+        target = Aval(tuple(shape), dtype)
+        how = self.draw(st.integers(0, 4))
+        same = [i for i, a in enumerate(self.avals) if a == target]
+        if same and how < 3:
+            return self.choose(same[::-1])
+        if not shape and how == 3:
+            return self.literal(dtype)
+        srcs = [i for i, a in enumerate(self.avals) if _broadcastable(a.shape, target.shape)]
+        if srcs and how < 4:
+            i = self.choose(srcs[::-1])
+            if self.avals[i].dtype != dtype:
+                i = self.convert(i, dtype)
+            if self.avals[i].shape != target.shape:
+                rank = len(self.avals[i].shape)
+                i = self.emit("broadcast_in_dim", lax.broadcast_in_dim, i, shape=target.shape,
+                              broadcast_dimensions=tuple(range(len(shape) - rank, len(shape))))
+            return i
+        # A captured (closed-over) constant: becomes a constvar, not an input.
+        return self.emit("const", _const, value=self.draw(arrays(target.shape, dtype)))
+
+
+def _broadcastable(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
+    return len(src) <= len(dst) and all(s in (1, d) for s, d in zip(src[::-1], dst[::-1]))
+
+
+def _convert(x, new_dtype):
+    return lax.convert_element_type(x, new_dtype)
+
+
+def _const(value):
+    return jnp.asarray(value)
+
+
+# ----------------------------------------------------------------------------
+# Composite ops that keep programs well defined.
+
+def _safe_div(x, y, *, rem=False):
+    # XLA defines x/0 and INT_MIN/-1 for integers, but C-like semantics do not;
+    # guard both so the generated programs mean the same thing everywhere.
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        y = lax.select(lax.eq(y, np.int32(0)), lax.full_like(y, 1), y)
+        x = lax.max(x, np.int32(_INT_MIN + 1))
+    return lax.rem(x, y) if rem else lax.div(x, y)
+
+
+_UNARY = {  # name: (function, allowed dtypes)
+    **{n: (getattr(lax, n), NUMERIC) for n in ("neg", "abs", "sign", "square")},
+    **{n: (getattr(lax, n), FLOATS) for n in (
+        "floor", "ceil", "round", "is_finite", "exp", "exp2", "log", "log1p", "expm1", "tanh",
+        "logistic", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh",
+        "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "erf", "erf_inv", "lgamma", "digamma")},
+    "not": (lax.bitwise_not, (I32, BOOL)),
+    "population_count": (lax.population_count, (I32,)),
+    "clz": (lax.clz, (I32,)),
+    "relu": (jax.nn.relu, FLOATS),  # a custom_jvp function
+}
+_BINARY = {
+    **{n: (getattr(lax, n), NUMERIC) for n in ("add", "sub", "mul", "max", "min")},
+    **{n: (getattr(lax, n), FLOATS) for n in ("pow", "atan2", "nextafter")},
+    "div": (_safe_div, NUMERIC), "rem": (functools.partial(_safe_div, rem=True), NUMERIC),
+    **{n: (getattr(lax, n), (I32, BOOL)) for n in ("bitwise_and", "bitwise_or", "bitwise_xor")},
+    **{n: (getattr(lax, n), (I32,)) for n in (
+        "shift_left", "shift_right_logical", "shift_right_arithmetic")},
+    **{n: (getattr(lax, n), ANY) for n in ("eq", "ne")},
+    **{n: (getattr(lax, n), NUMERIC) for n in ("lt", "le", "gt", "ge")},
+}
+_JNP_BINARY = {"add": jnp.add, "multiply": jnp.multiply, "maximum": jnp.maximum,
+               "minimum": jnp.minimum, "greater": jnp.greater}
+_REDUCE = {  # name: (function, allowed dtypes)
+    **{n: (getattr(lax, f"reduce_{n}"), NUMERIC) for n in ("sum", "max", "min", "prod")},
+    **{n: (getattr(lax, f"reduce_{n}"), (BOOL,)) for n in ("and", "or")},
+}
+_CUMULATIVE = ("cumsum", "cumprod", "cummax", "cummin")
+
+
+def _rank_at_least(n):
+    return lambda aval: len(aval.shape) >= n
+
+
+# ----------------------------------------------------------------------------
+# Op families. Each draws its operands/parameters and emits one instruction
+# (plus any helper instructions needed to produce operands of the right type);
+# it returns None when the drawn program has no suitable operand.
+
+def _unary(b: _Builder):
+    name = b.choose(_UNARY)
+    fn, dtypes = _UNARY[name]
+    if name in ("clz", "population_count") or not b.coin(8):
+        return b.emit(name, fn, b.operand(dtypes))
+    return b.emit(f"jit({name})", jax.jit(fn), b.operand(dtypes))  # a nested jit call
+
+
+def _binary(b: _Builder):
+    name = b.choose(_BINARY)
+    fn, dtypes = _BINARY[name]
+    x = b.operand(dtypes)
+    aval = b.avals[x]
+    # lax accepts a rank-0 operand next to any shape (implicit scalar broadcast).
+    y = b.fit((), aval.dtype) if b.coin(4) else b.fit(aval.shape, aval.dtype)
+    if isinstance(y, Lit) and name in ("div", "rem") and aval.dtype == I32 and y.value == 0:
+        y = Lit(np.int32(3))
+    return b.emit(name, fn, *((y, x) if b.coin() else (x, y)))
+
+
+def _jnp_broadcasting(b: _Builder):
+    """numpy-style broadcasting between different ranks/size-1 dims via jnp."""
+    x = b.operand(NUMERIC, _rank_at_least(1))
+    if x is None:
+        return None
+    shape, dtype = b.avals[x].shape, b.avals[x].dtype
+    drop = b.draw(st.integers(0, len(shape)))
+    other = tuple(1 if b.coin(3) else d for d in shape[drop:])
+    y = b.fit(other, dtype)
+    if b.coin(4):
+        return b.emit("jnp.where", jnp.where, b.fit(other, BOOL), x, y)
+    name = b.choose(_JNP_BINARY)
+    return b.emit(f"jnp.{name}", _JNP_BINARY[name], *((y, x) if b.coin() else (x, y)))
+
+
+def _select_clamp(b: _Builder):
+    x = b.operand(NUMERIC)
+    shape, dtype = b.avals[x].shape, b.avals[x].dtype
+    if b.coin():
+        pred = b.fit(() if b.coin(3) else shape, BOOL)
+        return b.emit("select_n", lax.select_n, pred, x, b.fit(shape, dtype))
+    lo, hi = ((b.fit(() if b.coin() else shape, dtype)) for _ in range(2))
+    return b.emit("clamp", lax.clamp, lo, x, hi)
+
+
+def _convert_family(b: _Builder):
+    kind = b.draw(st.integers(0, 3))
+    if kind == 0:  # int bits -> float (may make NaNs with payloads; never the reverse,
+        # since NaN payload bits of computed NaNs are not something XLA pins down)
+        return b.emit("bitcast_convert_type", lax.bitcast_convert_type, b.operand((I32,)),
+                      new_dtype=F32)
+    if kind == 1:
+        e, m = b.choose([(5, 10), (8, 7), (4, 3), (5, 2)])
+        return b.emit("reduce_precision", lax.reduce_precision, b.operand(FLOATS),
+                      exponent_bits=e, mantissa_bits=m)
+    if kind == 2:
+        x = b.operand(NUMERIC)
+        lo = -2 if b.avals[x].dtype in FLOATS else 0  # negative int powers are errors
+        return b.emit("integer_pow", lax.integer_pow, x, y=b.draw(st.integers(lo, 4)))
+    x = b.pick()
+    return b.convert(x, b.choose([d for d in ANY if d != b.avals[x].dtype]))
+
+
+def _reduce(b: _Builder):
+    name = b.choose([*_REDUCE, "argmax", "argmin", *_CUMULATIVE])
+    if name in _REDUCE:
+        fn, dtypes = _REDUCE[name]
+        x = b.operand(dtypes)
+        axes = tuple(a for a in range(len(b.avals[x].shape)) if b.coin())
+        return b.emit(f"reduce_{name}", fn, x, axes=axes)
+    x = b.operand(NUMERIC, _rank_at_least(1))
+    if x is None:
+        return None
+    axis = b.draw(st.integers(0, len(b.avals[x].shape) - 1))
+    if name in _CUMULATIVE:
+        return b.emit(name, getattr(lax, name), x, axis=axis, reverse=b.coin())
+    if b.avals[x].shape[axis] == 0:  # argmax of nothing is an error
+        return None
+    return b.emit(name, getattr(lax, name), x, axis=axis, index_dtype=I32)
+
+
+def _dot_general(b: _Builder):
+    lhs = b.operand(NUMERIC, _rank_at_least(1))
+    if lhs is None:
+        return None
+    shape, dtype = b.avals[lhs].shape, b.avals[lhs].dtype
+    contract = b.draw(st.integers(0, len(shape) - 1))
+    rest = [d for d in range(len(shape)) if d != contract]
+    batch = (b.choose(rest),) if rest and b.coin() else ()
+    free = (b.choose([0, 1, 3]),) if b.coin() else ()
+    rhs = b.fit(tuple(shape[d] for d in batch) + (shape[contract],) + free, dtype)
+    dims = (((contract,), (len(batch),)), (batch, tuple(range(len(batch)))))
+    preferred = F32 if dtype == BF16 and b.coin() else None
+    return b.emit("dot_general", lax.dot_general, lhs, rhs, dimension_numbers=dims,
+                  preferred_element_type=preferred)
+
+
+def _layout(b: _Builder):
+    """transpose / reshape / broadcast_in_dim / expand_dims / squeeze / rev."""
+    x = b.pick()
+    shape = b.avals[x].shape
+    name = b.choose(["transpose", "reshape", "broadcast_in_dim", "expand_dims", "squeeze", "rev"])
+    if name == "transpose":
+        return b.emit(name, lax.transpose, x, permutation=tuple(
+            b.draw(st.permutations(range(len(shape))))))
+    if name == "reshape":
+        dims = list(shape)
+        for _ in range(b.draw(st.integers(1, 2))):
+            k = b.draw(st.integers(0, len(dims)))
+            if k < len(dims) - 1 and b.coin():  # merge two neighbours
+                dims[k:k + 2] = [dims[k] * dims[k + 1]]
+            elif k < len(dims) and dims[k] % 2 == 0 and dims[k] > 0:  # split one
+                dims[k:k + 1] = [2, dims[k] // 2]
+            else:
+                dims.insert(k, 1)
+        return b.emit(name, lax.reshape, x, new_sizes=tuple(dims))
+    if name == "broadcast_in_dim":
+        out = [b.choose([1, 2, 3, 0]) if d == 1 and b.coin() else d for d in shape]
+        keep = list(range(len(out)))
+        for _ in range(b.draw(st.integers(0, 2))):
+            k = b.draw(st.integers(0, len(out)))
+            out.insert(k, b.choose([2, 1, 3]))
+            keep = [i + (i >= k) for i in keep]
+        return b.emit(name, lax.broadcast_in_dim, x, shape=tuple(out),
+                      broadcast_dimensions=tuple(keep))
+    if name == "expand_dims":
+        return b.emit(name, lax.expand_dims, x, dimensions=(b.draw(st.integers(0, len(shape))),))
+    ones = [d for d, n in enumerate(shape) if n == 1]
+    if name == "squeeze":
+        return b.emit(name, lax.squeeze, x, dimensions=tuple(d for d in ones if b.coin())) \
+            if ones else None
+    return b.emit(name, lax.rev, x, dimensions=tuple(d for d in range(len(shape)) if b.coin()))
+
+
+def _start_indices(b: _Builder, rank: int):
+    # Out-of-range starts are clamped by definition; mix literals and traced values.
+    return [b.fit((), I32) if b.coin(3) else Lit(np.int32(b.draw(st.integers(-1, 4))))
+            for _ in range(rank)]
+
+
+def _slicing(b: _Builder):
+    """slice / dynamic_slice / dynamic_update_slice / concatenate / pad."""
+    name = b.choose(["slice", "dynamic_slice", "dynamic_update_slice", "concatenate", "pad"])
+    x = b.pick(ANY, _rank_at_least(1))
+    if x is None:
+        return None
+    shape, dtype = b.avals[x].shape, b.avals[x].dtype
+    sub = tuple(b.draw(st.integers(0, d)) for d in shape)
+    if name == "slice":
+        starts = tuple(b.draw(st.integers(0, d - s)) for d, s in zip(shape, sub))
+        strides = tuple(b.choose([1, 2]) for _ in shape) if b.coin() else None
+        return b.emit(name, lax.slice, x, start_indices=starts,
+                      limit_indices=tuple(map(sum, zip(starts, sub))), strides=strides)
+    if name == "dynamic_slice":
+        return b.emit(name, _dynamic_slice, x, *_start_indices(b, len(shape)), slice_sizes=sub)
+    if name == "dynamic_update_slice":
+        return b.emit(name, _dynamic_update_slice, x, b.fit(sub, dtype),
+                      *_start_indices(b, len(shape)))
+    axis = b.draw(st.integers(0, len(shape) - 1))
+    if name == "concatenate":
+        others = [b.fit(shape[:axis] + (b.choose([1, 2, 0]),) + shape[axis + 1:], dtype)
+                  for _ in range(b.draw(st.integers(1, 2)))]
+        return b.emit(name, _concatenate, x, *others, dimension=axis)
+    config = []
+    for d in shape:  # negative padding crops, but the result must stay non-empty-or-zero
+        lo, hi = b.draw(st.integers(-2, 2)), b.draw(st.integers(-2, 2))
+        interior = b.draw(st.integers(0, 1))
+        size = lo + hi + d + max(d - 1, 0) * interior
+        config.append((lo, hi, interior) if size >= 0 else (0, 0, interior))
+    return b.emit(name, lax.pad, x, b.fit((), dtype), padding_config=tuple(config))
+
+
+def _dynamic_slice(x, *starts, slice_sizes):
+    return lax.dynamic_slice(x, starts, slice_sizes)
+
+
+def _dynamic_update_slice(x, update, *starts):
+    return lax.dynamic_update_slice(x, update, starts)
+
+
+def _concatenate(*xs, dimension):
+    return lax.concatenate(xs, dimension)
+
+
+def _indexing(b: _Builder):
+    """iota / sort / top_k / gather (jnp.take) / scatter (x.at[i].op)."""
+    name = b.choose(["iota", "sort", "top_k", "gather", "scatter"])
+    if name == "iota":
+        shape = tuple(b.choose([1, 2, 3, 0]) for _ in range(b.draw(st.integers(1, 3))))
+        return b.emit(name, lax.broadcasted_iota, dtype=b.choose(NUMERIC), shape=shape,
+                      dimension=b.draw(st.integers(0, len(shape) - 1)))
+    x = b.operand(NUMERIC, _rank_at_least(1))
+    if x is None:
+        return None
+    shape, dtype = b.avals[x].shape, b.avals[x].dtype
+    axis = b.draw(st.integers(0, len(shape) - 1))
+    if name == "sort":
+        if b.coin():  # sort a payload by keys x; stable, so ties are well defined
+            return b.emit("sort(keys, values)", _sort_by_key, x, b.fit(shape, b.choose(ANY)),
+                          dimension=axis)
+        return b.emit(name, lax.sort, x, dimension=axis, is_stable=b.coin())
+    if name == "top_k":
+        return b.emit(name, _top_k, x, k=b.draw(st.integers(0, shape[-1])), which=b.choose([0, 1]))
+    if name == "gather":
+        if shape[axis] == 0:  # jnp refuses to index into an empty axis
+            return None
+        idx = b.fit((b.choose([1, 2, 3, 0]),), I32) if b.coin() else b.operand((I32,))
+        return b.emit("gather", _take, x, idx, axis=axis, mode=b.choose(["clip", "fill", "wrap"]))
+    if shape[0] == 0:
+        return None
+    idx = b.fit((b.choose([1, 2, 3, 0]),), I32)  # x.at[idx] indexes axis 0
+    upd = b.fit(b.avals[idx].shape + shape[1:], dtype)
+    # Only combining scatters: with duplicate indices .set() would be unordered.
+    return b.emit("scatter", _scatter, x, idx, upd, kind=b.choose(["add", "mul", "min", "max"]),
+                  mode=b.choose(["drop", "clip"]))
+
+
+def _sort_by_key(keys, values, dimension):
+    return lax.sort((keys, values), dimension=dimension, is_stable=True, num_keys=1)[1]
+
+
+def _top_k(x, k, which):
+    return lax.top_k(x, k)[which]
+
+
+def _take(x, idx, axis, mode):
+    return jnp.take(x, idx, axis=axis, mode=mode)
+
+
+def _scatter(x, idx, upd, kind, mode):
+    return getattr(jnp.asarray(x).at[idx], kind)(upd, mode=mode)
+
+
+OP_FAMILIES: dict[str, Callable[[_Builder], int | None]] = {
+    "unary": _unary, "binary": _binary, "jnp_broadcasting": _jnp_broadcasting,
+    "select_clamp": _select_clamp, "convert": _convert_family, "reduce": _reduce,
+    "dot_general": _dot_general, "layout": _layout, "slicing": _slicing, "indexing": _indexing,
+}
+
+
+def _shapes(max_inputs: int) -> st.SearchStrategy[list[tuple[int, ...]]]:
+    dim = st.sampled_from([1, 2, 3, 4, 2, 3, 0])  # shrinks towards 1; 0 sometimes
+    shape = st.integers(0, 3).flatmap(lambda r: st.tuples(*[dim] * r))
+    # Later inputs often share the first input's shape, so elementwise ops
+    # find partners without broadcasting.
+    return st.lists(st.one_of(st.none(), shape), min_size=0, max_size=max_inputs - 1).flatmap(
+        lambda rest: shape.map(lambda first: [first] + [first if s is None else s for s in rest]))
+
+
+@st.composite
+def programs(draw, *, max_ops: int = 8, max_inputs: int = 3, dtypes=ANY,
+             families=tuple(OP_FAMILIES)) -> Program:
+    """Strategy for random :class:`Program` s.
+
+    Args:
+      max_ops: maximum number of drawn operations (helper conversions and
+        broadcasts that make operands fit come on top).
+      max_inputs: maximum number of positional array arguments (at least 1).
+      dtypes: dtypes that inputs may have (ops may convert to others).
+      families: which keys of :data:`OP_FAMILIES` to draw operations from.
+
+    >>> from hypothesis import given
+    >>> @given(programs(families=("reduce",)))
+    ... def test(p):
+    ...     p(*p.args)
+    >>> test()
+    """
+    in_avals = [Aval(s, draw(st.sampled_from(tuple(dtypes)))) for s in draw(_shapes(max_inputs))]
+    b = _Builder(draw, in_avals)
+    for _ in range(draw(st.integers(1, max_ops))):
+        OP_FAMILIES[draw(st.sampled_from(tuple(families)))](b)
+    n = len(b.avals)
+    extra = draw(st.lists(st.integers(0, n - 1), max_size=2))
+    outputs = draw(st.sampled_from([
+        n - 1, (n - 1, *extra), {"out": n - 1, "aux": tuple(extra)}]))
+    args = [draw(arrays(a.shape, a.dtype)) for a in in_avals]
+    return Program(in_avals, b.instrs, outputs, args)

@@ -1,0 +1,242 @@
+"""Tracing: a JAX model → a graphopt Graph. The only module that reads jaxprs.
+
+`trace` runs the model once with `jax.make_jaxpr` and converts the jaxpr:
+- every equation becomes a node, with its params and provenance (module path from JAX's name
+  stack, source line from its traceback);
+- nested `jit` and plain calls are inlined;
+- scan / while / cond / checkpoint / custom_jvp / custom_vjp become region ops holding sub-graphs;
+- any other primitive with jaxprs in its params (shard_map, pallas_call, ...) becomes an opaque node
+  that lowers back exactly as traced: never dropped, never an error;
+- literals and closed-over arrays become constant nodes (the arrays themselves, not copies).
+
+Example:
+    >>> import graphopt, jax.numpy as jnp
+    >>> g = graphopt.trace(lambda w, x: jnp.tanh(x @ w), jnp.ones((4, 2)), jnp.ones(4), params_argnums=0)
+    >>> [(a.role, a.path) for a in g.inputs]
+    [('param', 'w'), ('input', 'x')]
+    >>> [n.op.name for n in g.nodes]
+    ['dot_general', 'tanh']
+"""
+
+from __future__ import annotations
+
+import os
+import traceback as pytraceback
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from graphopt import _jax_compat as compat
+from graphopt import control_flow
+from graphopt.errors import TraceError
+from graphopt.frameworks import Adapted, adapt
+from graphopt.ir import Graph, Provenance, Value, _library_dirs
+from graphopt.ops import primitive_op
+from graphopt.types import TensorType
+
+
+def trace(fn: Callable, *example_args, params_argnums=None, static_argnums=()) -> Graph:
+    """Trace `fn(*example_args)` into a Graph.
+
+    Args:
+        fn: a function of arrays, a Flax linen `module.apply`, a Flax nnx Module, or an Equinox
+            Module (see `graphopt.frameworks`).
+        example_args: arrays or `jax.ShapeDtypeStruct`s (pytrees of them) fixing shapes and dtypes.
+        params_argnums: which positional arguments hold parameters (weights); their leaves become
+            inputs with role "param". Defaults: argument 0 for linen `apply`, the module state for
+            nnx and Equinox, none for plain functions.
+        static_argnums: positional arguments that are Python values, not arrays; the graph is
+            specialized on them and the lowered function does not take them.
+
+    Returns:
+        The Graph; `graphopt.lower(graph)` takes the non-static arguments (for nnx and Equinox
+        modules: the module state, then the call arguments).
+    """
+    model_name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    fn, example_args, params_argnums = _drop_static(fn, example_args, params_argnums, static_argnums)
+    adapted = adapt(fn, example_args, params_argnums)
+    leaves, in_tree = _check_leaves(adapted)
+    try:
+        closed_jaxpr, out_shape = compat.make_jaxpr_with_shape(adapted.fn, adapted.args)
+    except Exception as err:
+        raise _explain_trace_failure(model_name, err) from err
+    graph = Graph(model_name)
+    graph.in_tree = in_tree
+    graph.out_tree = jax.tree_util.tree_structure(out_shape)
+    for (path, _), var in zip(leaves, closed_jaxpr.jaxpr.invars):
+        role, name = _role_and_path(adapted, path)
+        graph.add_input(TensorType.of_aval(compat.aval_of(var)), role, name)
+    outs = _Converter().convert(graph, closed_jaxpr.jaxpr, closed_jaxpr.consts, graph.inputs, "")
+    graph.set_outputs(outs)
+    return graph
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+def _drop_static(fn, args, params_argnums, static_argnums):
+    static = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+    if not static:
+        return fn, tuple(args), params_argnums
+    static = {i % len(args) for i in static}
+    kept = [i for i in range(len(args)) if i not in static]
+
+    def with_static(*dynamic):
+        full = list(args)
+        for i, value in zip(kept, dynamic):
+            full[i] = value
+        return fn(*full)
+
+    with_static.__qualname__ = getattr(fn, "__qualname__", "fn")
+    if params_argnums is not None:
+        params = (params_argnums,) if isinstance(params_argnums, int) else params_argnums
+        params_argnums = tuple(kept.index(i % len(args)) for i in params if i % len(args) in kept)
+    return with_static, tuple(args[i] for i in kept), params_argnums
+
+
+_ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, bool, int, float, complex)
+
+
+def _check_leaves(adapted: Adapted):
+    leaves, in_tree = jax.tree_util.tree_flatten_with_path(adapted.args)
+    for path, leaf in leaves:
+        if not isinstance(leaf, _ARRAY_LIKE):
+            where = _path_string(adapted, path)
+            raise TraceError(
+                f"argument {where!r} is a {type(leaf).__name__}, not an array: graphopt traces array "
+                "arguments only. Pass Python values (configs, flags, strings) with static_argnums=..., "
+                "or close over them in the function.")
+    return leaves, in_tree
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _path_string(adapted: Adapted, path) -> str:
+    argnum, rest = path[0].idx, [_key_name(k) for k in path[1:]]
+    if adapted.framework == "nnx" and rest and rest[-1] == "value":
+        rest = rest[:-1]  # nnx.Variable leaves end in .value
+    is_param = argnum in adapted.params_argnums
+    if is_param and len(adapted.params_argnums) == 1 and rest:
+        return "/".join(rest)
+    return "/".join([adapted.arg_names[argnum], *rest])
+
+
+def _role_and_path(adapted: Adapted, path) -> tuple[str, str]:
+    return ("param" if path[0].idx in adapted.params_argnums else "input"), _path_string(adapted, path)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+_CONTROL_FLOW_ERRORS = tuple(getattr(jax.errors, n) for n in (
+    "ConcretizationTypeError", "TracerBoolConversionError", "TracerIntegerConversionError",
+    "TracerArrayConversionError") if hasattr(jax.errors, n))
+
+
+def _explain_trace_failure(name: str, err: Exception) -> TraceError:
+    where = _user_location(err)
+    at = f" at {where}" if where else ""
+    if isinstance(err, _CONTROL_FLOW_ERRORS):
+        why = ("it uses the value of a traced array in Python (an `if`/`while` on an array, int() or "
+               "np.asarray() of one). Use jax.lax.cond / jnp.where / lax.while_loop, or pass that "
+               "argument with static_argnums so it is a Python value")
+    else:
+        why = f"it raised {type(err).__name__}"
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return TraceError(f"cannot trace {name}{at}: {why}.\n  JAX said: {first_line}")
+
+
+def _user_location(err: Exception) -> str:
+    library = _library_dirs() + (os.path.dirname(os.path.realpath(__file__)) + os.sep,)
+    for frame in reversed(pytraceback.extract_tb(err.__traceback__)):
+        if not os.path.realpath(frame.filename).startswith(library):
+            return f"{os.path.basename(frame.filename)}:{frame.lineno} ({frame.name})"
+    return ""
+
+
+# --- jaxpr → graph -------------------------------------------------------------------------------
+
+class _Converter:
+    """Walks jaxprs and builds graphs; scalar literals are shared per graph."""
+
+    def __init__(self):
+        self._literals: dict[tuple, Value] = {}
+
+    def convert(self, graph: Graph, jaxpr, consts, in_values, module_path: str) -> list[Value]:
+        env: dict[Any, Value] = {}
+        for var, const in zip(jaxpr.constvars, consts):
+            env[var] = graph.constant(const, compat.aval_of(var).dtype, provenance=Provenance(module_path))
+        env.update(zip(jaxpr.invars, in_values))
+        for eqn in jaxpr.eqns:
+            inputs = [self._read(graph, env, atom) for atom in eqn.invars]
+            path = _join(module_path, compat.name_stack(eqn.source_info))
+            outs = self._equation(graph, eqn, inputs, path)
+            for var, value in zip(eqn.outvars, outs):
+                if not isinstance(var, compat.DropVar):
+                    env[var] = value
+        return [self._read(graph, env, atom) for atom in jaxpr.outvars]
+
+    def _equation(self, graph, eqn, inputs, path) -> list[Value]:
+        primitive, params = eqn.primitive, eqn.params
+        kind = compat.primitive_kind(primitive)
+        if kind == "inline":
+            body = compat.inlined_jaxpr(params)
+            return self.convert(graph, body.jaxpr, body.consts, inputs, path)
+        provenance = Provenance(path, compat.traceback_of(eqn.source_info))
+        types = [TensorType.of_aval(compat.aval_of(v)) for v in eqn.outvars]
+        if kind in control_flow.REGION_OPS:
+            op = control_flow.REGION_OPS[kind]
+            region_params = _REGION_PARAMS[kind]
+            jaxprs = params[region_params[0]] if kind == "cond" else [params[p] for p in region_params]
+            regions = [self._region(j, f"{kind}.{name}", path)
+                       for j, name in zip(jaxprs, _region_names(op, len(jaxprs)))]
+            rest = {k: v for k, v in params.items() if k not in region_params}
+            node = graph.add_node(op, inputs, rest, regions, provenance, _types=types, _effects=eqn.effects)
+        else:
+            op = primitive_op(primitive, opaque=compat.has_subjaxprs(params))
+            node = graph.add_node(op, inputs, params, (), provenance, _types=types, _effects=eqn.effects)
+        return list(node.outputs)
+
+    def _region(self, jaxpr, name: str, module_path: str) -> Graph:
+        closed = compat.closed(jaxpr)
+        region = Graph(name)
+        for var in closed.jaxpr.invars:
+            region.add_input(TensorType.of_aval(compat.aval_of(var)))
+        region.set_outputs(self.convert(region, closed.jaxpr, closed.consts, region.inputs, module_path))
+        return region
+
+    def _read(self, graph: Graph, env, atom) -> Value:
+        if not isinstance(atom, compat.Literal):
+            return env[atom]
+        value, aval = compat.literal_value(atom), compat.aval_of(atom)
+        if np.ndim(value) != 0:
+            return graph.constant(value, aval.dtype, aval.weak_type)
+        key = (id(graph), str(aval.dtype), aval.weak_type, np.asarray(value, aval.dtype).tobytes())
+        cached = self._literals.get(key)
+        if cached is None:
+            cached = self._literals[key] = graph.constant(
+                np.asarray(value, aval.dtype), aval.dtype, aval.weak_type)
+        return cached
+
+
+# Which params of each control-flow primitive are jaxprs (they become the node's regions).
+_REGION_PARAMS = {
+    "scan": ("jaxpr",), "while": ("cond_jaxpr", "body_jaxpr"), "cond": ("branches",),
+    "remat": ("jaxpr",), "custom_jvp_call": ("call_jaxpr",), "custom_vjp_call": ("call_jaxpr",),
+}
+
+
+def _region_names(op, count: int) -> list[str]:
+    if len(op.region_names) == count:
+        return list(op.region_names)
+    return [f"{op.region_names[0]}{i}" for i in range(count)]
+
+
+def _join(prefix: str, name: str) -> str:
+    if not name:
+        return prefix
+    return f"{prefix}/{name}" if prefix else name

@@ -1,0 +1,148 @@
+"""Lowering: a graphopt Graph → an ordinary JAX function.
+
+Each node is replayed on whatever JAX trace is active: a JAX primitive is re-bound with its params,
+a graphopt op runs its kernel (the backend's, if one is registered in `KERNELS`, else the op's
+reference implementation), a region op gets its sub-graphs as Python callables. The result can be
+jitted, differentiated, vmapped and exported like any JAX function.
+
+Example:
+    >>> import graphopt, jax, jax.numpy as jnp
+    >>> g = graphopt.trace(lambda x: jnp.sin(x) * 2, jnp.ones(3))
+    >>> f = graphopt.lower(g)
+    >>> jax.jit(f)(jnp.zeros(3)).tolist()
+    [0.0, 0.0, 0.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+
+from graphopt import _jax_compat as compat
+from graphopt.errors import GraphError, SignatureError
+from graphopt.ir import Graph, Node
+from graphopt.ops import OpDef, PrimitiveOp
+from graphopt.types import dtype_name
+
+# (op name, backend) -> kernel(*args, regions=..., **params) -> list; backend None = any backend.
+# Fused-op passes register their per-backend kernels here; choices are data, not if-chains.
+KERNELS: dict[tuple[str, str | None], Callable] = {}
+
+
+def register_kernel(op_name: str, backend: str | None = None):
+    """Decorator: use this function to lower graphopt op `op_name` on `backend` ('cpu', 'gpu', 'tpu')."""
+    def decorate(kernel):
+        KERNELS[(op_name, backend)] = kernel
+        return kernel
+    return decorate
+
+
+class RegionFunction:
+    """A region sub-graph as a callable `(*args) -> list`, for region ops' implementations."""
+
+    __slots__ = ("graph",)
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+
+    def __call__(self, *args) -> list:
+        return evaluate(self.graph, args)
+
+
+def evaluate(graph: Graph, flat_args: Sequence[Any]) -> list:
+    """Run `graph` on flat arguments under the current JAX trace; return the flat outputs."""
+    env: dict[int, Any] = {}
+    for arg, value in zip(graph.inputs, flat_args, strict=True):
+        env[id(arg)] = value
+    backend = None
+    for node in graph.nodes:
+        args = [env[id(v)] for v in node.inputs]
+        op = node.op
+        if isinstance(op, PrimitiveOp):
+            outs = compat.bind(op.primitive, args, node.params)
+        else:
+            backend = backend or jax.default_backend()
+            outs = _run_opdef(node, op, args, backend)
+        if len(outs) != len(node.outputs):
+            raise GraphError(f"{op.name} lowered to {len(outs)} results, expected {len(node.outputs)}", node)
+        for value, out in zip(node.outputs, outs):
+            env[id(value)] = out
+    return [env[id(v)] for v in graph.outputs]
+
+
+def _run_opdef(node: Node, op: OpDef, args, backend: str) -> list:
+    kernel = KERNELS.get((op.name, backend)) or KERNELS.get((op.name, None)) or op.impl
+    regions = [RegionFunction(r) for r in node.regions]
+    return list(kernel(*args, regions=regions, **node.params))
+
+
+class GraphFunction:
+    """The lowered graph as a function of the traced pytree arguments.
+
+    Calls are checked against the traced signature: a wrong tree structure, shape or dtype raises
+    SignatureError naming the expected and the given signature.
+    """
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.__name__ = f"lowered_{graph.name}".replace(".", "_").replace("<", "").replace(">", "")
+
+    def __call__(self, *args):
+        flat, tree = jax.tree_util.tree_flatten(args)
+        self._check(flat, tree)
+        outs = evaluate(self.graph, flat)
+        if self.graph.out_tree is None:
+            return outs
+        return jax.tree_util.tree_unflatten(self.graph.out_tree, outs)
+
+    def flat(self, *flat_args) -> list:
+        """Call with the flat list of inputs (in `graph.inputs` order); returns flat outputs."""
+        self._check(list(flat_args), None)
+        return evaluate(self.graph, flat_args)
+
+    def _check(self, flat, tree) -> None:
+        inputs = self.graph.inputs
+        if tree is not None and self.graph.in_tree is not None and tree != self.graph.in_tree:
+            raise SignatureError(
+                f"{self.__name__} was traced for arguments structured as {self.graph.in_tree} but "
+                f"was called with {tree}. Pass arguments with the traced structure, or re-trace.")
+        if len(flat) != len(inputs):
+            raise SignatureError(f"{self.__name__} takes {len(inputs)} array leaves, got {len(flat)}")
+        for arg, value in zip(inputs, flat):
+            shape, dtype = _shape_dtype(value)
+            if shape != arg.type.shape or dtype != arg.type.dtype:
+                raise SignatureError(
+                    f"argument {arg.path or arg.index!r} has type {_type_str(value)}, but the graph was traced for "
+                    f"{arg.type}.\n  expected signature: {signature(self.graph)}\n  given:"
+                    f"              {_given_signature(inputs, flat)}\n"
+                    "Re-trace for the new shapes (graphopt.trace), or use @graphopt.optimize, which "
+                    "traces once per signature.")
+
+
+def signature(graph: Graph) -> str:
+    """'(x: f32[2,4], params/Dense_0/kernel: f32[4,8], ...)' for a graph's inputs."""
+    return "(" + ", ".join(f"{a.path or a.index}: {a.type}" for a in graph.inputs) + ")"
+
+
+def _shape_dtype(value):
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is None or dtype is None:  # Python scalars
+        return tuple(jax.numpy.shape(value)), jax.numpy.result_type(value)
+    return tuple(shape), dtype
+
+
+def _type_str(value) -> str:
+    shape, dtype = _shape_dtype(value)
+    return f"{dtype_name(dtype)}[{','.join(map(str, shape))}]"
+
+
+def _given_signature(inputs, flat) -> str:
+    return "(" + ", ".join(f"{a.path or a.index}: {_type_str(v)}" for a, v in zip(inputs, flat)) + ")"
+
+
+def lower(graph: Graph) -> GraphFunction:
+    """The graph as a JAX function taking the traced (non-static) arguments. Not jitted: wrap it in
+    `jax.jit`, `jax.grad`, `jax.vmap` as you would the original."""
+    return GraphFunction(graph)
