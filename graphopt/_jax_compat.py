@@ -140,6 +140,15 @@ def frames(traceback) -> list[tuple[str, int, str]]:
     return [(f.file_name, f.line_num, f.function_name) for f in traceback.frames]
 
 
+def source_context(traceback, name: str):
+    """Context in which bound primitives record this traceback and name (for HLO metadata,
+    profiles and JAX's error messages), as `jax.core.eval_jaxpr` replays equations."""
+    stack = _source_info.current_name_stack()
+    if name:
+        stack = stack.extend(name)
+    return _source_info.user_context(traceback, name_stack=stack)
+
+
 def user_frame(traceback) -> tuple[str, int, str] | None:
     """The innermost frame outside JAX, as JAX's own error messages choose it."""
     frame = _source_info.user_frame(traceback)

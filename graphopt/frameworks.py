@@ -71,14 +71,13 @@ def adapt(model: Any, args: tuple, params_argnums=None) -> Adapted:
         return Adapted(eqx_call, (arrays, *args), (0,), ["params"] + _names(None, len(args)), "equinox")
     if not callable(model):
         raise TraceError(f"graphopt.trace needs a function or a module, got {type(model).__name__}")
-    framework = "jax"
-    if params_argnums is None:
-        if _is_linen_apply(model):
-            params_argnums, framework = (0,), "linen"
-        else:
-            params_argnums = ()
-    return Adapted(model, tuple(args), _normalize_argnums(params_argnums, len(args)),
-                   _names(model, len(args)), framework)
+    framework, names = "jax", _names(model, len(args))
+    if _is_linen_apply(model):
+        # apply(variables, *args): name the inputs after the module's own __call__ arguments.
+        framework = "linen"
+        names = ["variables"] + _names(model.__self__.__call__, len(args) - 1)
+        params_argnums = (0,) if params_argnums is None else params_argnums
+    return Adapted(model, tuple(args), _normalize_argnums(() if params_argnums is None else params_argnums, len(args)), names, framework)
 
 
 def _normalize_argnums(argnums, n: int) -> tuple[int, ...]:

@@ -90,7 +90,8 @@ class Provenance:
     """Where a node came from: module path (name stack), source line, and the pass that made it.
 
     The source line is computed from the JAX traceback when first asked for: most nodes are never
-    printed, and resolving tracebacks for every node would dominate tracing time.
+    printed, and resolving tracebacks for every node would dominate tracing time. The traceback is
+    kept so the lowered program carries the same source metadata as the original.
     """
 
     __slots__ = ("module_path", "made_by", "_traceback", "_source")
@@ -107,8 +108,12 @@ class Provenance:
         """(file, line, function) of the innermost frame in the user's code, if known."""
         if self._source is None and self._traceback is not None:
             self._source = _user_frame(self._traceback)
-            self._traceback = None
         return self._source
+
+    @property
+    def traceback(self):
+        """The JAX traceback of the traced operation, or None."""
+        return self._traceback
 
     @property
     def source(self) -> str:

@@ -148,8 +148,8 @@ class Summary:
     inputs: int
     outputs: int
 
-    def __str__(self) -> str:
-        from rich.console import Console
+    def __rich__(self):
+        from rich.console import Group
         from rich.table import Table
 
         head = Table.grid(padding=(0, 2))
@@ -161,10 +161,13 @@ class Summary:
         ops = Table("op", "count", box=None, pad_edge=False)
         for op, count in self.op_counts.most_common():
             ops.add_row(op, str(count))
+        return Group(head, ops)
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
         buffer = io.StringIO()
-        console = Console(file=buffer, width=100, color_system=None, force_terminal=False)
-        console.print(head)
-        console.print(ops)
+        Console(file=buffer, width=100, color_system=None, force_terminal=False).print(self)
         return buffer.getvalue().rstrip()
 
 

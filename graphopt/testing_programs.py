@@ -69,8 +69,11 @@ def _elements(dtype: np.dtype) -> st.SearchStrategy:
 def arrays(shape: tuple[int, ...], dtype: np.dtype) -> st.SearchStrategy[np.ndarray]:
     """Strategy for a numpy array of ``shape``/``dtype`` rich in special values.
 
-    >>> arrays((2, 3), F32).example().shape
-    (2, 3)
+    >>> from hypothesis import given
+    >>> @given(arrays((2, 0, 3), BF16))
+    ... def test(x):
+    ...     assert x.shape == (2, 0, 3) and x.dtype == BF16
+    >>> test()
     """
     n = math.prod(shape)
     # Built through a list (not hypothesis.extra.numpy) because bfloat16 is
@@ -170,7 +173,7 @@ class _Raw(str):
 
 def _fmt(v) -> str:
     if isinstance(v, np.ndarray):
-        return np.array_repr(v, precision=8).replace("\n", " ")
+        return " ".join(np.array_repr(v, precision=8).split())
     if isinstance(v, np.dtype):
         return _SHORT.get(v, str(v))
     return repr(v)
@@ -543,10 +546,70 @@ def _scatter(x, idx, upd, kind, mode):
     return getattr(jnp.asarray(x).at[idx], kind)(upd, mode=mode)
 
 
+# Region bodies for control flow: aval-preserving and defined for every numeric dtype.
+_BODIES = {"neg": lax.neg, "abs": lax.abs, "square": lax.square, "sign": lax.sign,
+           "double": lambda x: lax.add(x, x)}
+
+
+def _control_flow(b: _Builder):
+    """cond / switch / while / scan / checkpoint / custom_vjp around small bodies."""
+    name = b.choose(["cond", "switch", "while", "scan", "checkpoint", "custom_vjp"])
+    x = b.operand(NUMERIC)
+    shape, dtype = b.avals[x].shape, b.avals[x].dtype
+    body, other, third = (b.choose(sorted(_BODIES)) for _ in range(3))
+    if name == "cond":
+        return b.emit(name, _cond, b.fit((), BOOL), x, true=body, false=other)
+    if name == "switch":  # an out-of-range index is clamped by definition
+        return b.emit(name, _switch, b.fit((), I32), x, branches=(body, other, third))
+    if name == "while":  # the trip count may be data dependent; clamp it to [0, 3]
+        return b.emit(name, _while, b.fit((), I32), x, body=body)
+    if name == "scan":
+        if not shape:
+            return None
+        return b.emit(name, _scan, b.fit(shape[1:], dtype), x, body=body, reverse=b.coin(),
+                      which=b.choose([0, 1]))
+    if name == "checkpoint":
+        return b.emit(name, _checkpoint, x, body=body, then=other)
+    return b.emit(name, _twice, b.operand(FLOATS))
+
+
+def _cond(pred, x, true, false):
+    return lax.cond(pred, _BODIES[true], _BODIES[false], x)
+
+
+def _switch(index, x, branches):
+    return lax.switch(index, [_BODIES[name] for name in branches], x)
+
+
+def _while(trips, x, body):
+    trips = lax.clamp(np.int32(0), trips, np.int32(3))
+    step = lambda state: (state[0] + 1, _BODIES[body](state[1]))
+    return lax.while_loop(lambda state: state[0] < trips, step, (np.int32(0), x))[1]
+
+
+def _scan(init, xs, body, reverse, which):
+    def step(carry, x):
+        return _BODIES[body](lax.add(carry, x)), carry
+    return lax.scan(step, init, xs, reverse=reverse)[which]
+
+
+def _checkpoint(x, body, then):
+    return jax.checkpoint(lambda y: _BODIES[then](_BODIES[body](y)))(x)
+
+
+@jax.custom_vjp
+def _twice(x):
+    return lax.add(x, x)
+
+
+_twice.defvjp(lambda x: (_twice(x), None), lambda _, ct: (lax.add(ct, ct),))
+
+
 OP_FAMILIES: dict[str, Callable[[_Builder], int | None]] = {
     "unary": _unary, "binary": _binary, "jnp_broadcasting": _jnp_broadcasting,
     "select_clamp": _select_clamp, "convert": _convert_family, "reduce": _reduce,
     "dot_general": _dot_general, "layout": _layout, "slicing": _slicing, "indexing": _indexing,
+    "control_flow": _control_flow,
 }
 
 
@@ -571,8 +634,9 @@ def programs(draw, *, max_ops: int = 8, max_inputs: int = 3, dtypes=ANY,
       dtypes: dtypes that inputs may have (ops may convert to others).
       families: which keys of :data:`OP_FAMILIES` to draw operations from.
 
-    >>> from hypothesis import given
-    >>> @given(programs(families=("reduce",)))
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=5, deadline=None)
+    ... @given(programs(families=("reduce",)))
     ... def test(p):
     ...     p(*p.args)
     >>> test()

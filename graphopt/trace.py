@@ -53,7 +53,7 @@ def trace(fn: Callable, *example_args, params_argnums=None, static_argnums=()) -
         The Graph; `graphopt.lower(graph)` takes the non-static arguments (for nnx and Equinox
         modules: the module state, then the call arguments).
     """
-    model_name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    model_name = _model_name(fn)
     fn, example_args, params_argnums = _drop_static(fn, example_args, params_argnums, static_argnums)
     adapted = adapt(fn, example_args, params_argnums)
     leaves, in_tree = _check_leaves(adapted)
@@ -70,6 +70,15 @@ def trace(fn: Callable, *example_args, params_argnums=None, static_argnums=()) -
     outs = _Converter().convert(graph, closed_jaxpr.jaxpr, closed_jaxpr.consts, graph.inputs, "")
     graph.set_outputs(outs)
     return graph
+
+
+def _model_name(fn) -> str:
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, type):  # a bound method: Transformer.apply
+        return f"{type(owner).__name__}.{fn.__name__}"
+    if not hasattr(fn, "__qualname__"):  # a module instance
+        return type(fn).__name__
+    return fn.__qualname__.rsplit("<locals>.", 1)[-1]
 
 
 # --- arguments -----------------------------------------------------------------------------------

@@ -41,29 +41,38 @@ def register_kernel(op_name: str, backend: str | None = None):
 class RegionFunction:
     """A region sub-graph as a callable `(*args) -> list`, for region ops' implementations."""
 
-    __slots__ = ("graph",)
+    __slots__ = ("graph", "module_path")
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, module_path: str):
         self.graph = graph
+        self.module_path = module_path
 
     def __call__(self, *args) -> list:
-        return evaluate(self.graph, args)
+        return evaluate(self.graph, args, self.module_path)
 
 
-def evaluate(graph: Graph, flat_args: Sequence[Any]) -> list:
-    """Run `graph` on flat arguments under the current JAX trace; return the flat outputs."""
+def evaluate(graph: Graph, flat_args: Sequence[Any], module_path: str = "") -> list:
+    """Run `graph` on flat arguments under the current JAX trace; return the flat outputs.
+
+    Each node is replayed with its original traceback and module path, so the lowered program's
+    HLO metadata and profiles point at the user's source, as the original's do. `module_path` is
+    the path already entered by the enclosing region op.
+    """
     env: dict[int, Any] = {}
     for arg, value in zip(graph.inputs, flat_args, strict=True):
         env[id(arg)] = value
     backend = None
+    prefix = module_path + "/" if module_path else ""
     for node in graph.nodes:
         args = [env[id(v)] for v in node.inputs]
         op = node.op
-        if isinstance(op, PrimitiveOp):
-            outs = compat.bind(op.primitive, args, node.params)
-        else:
-            backend = backend or jax.default_backend()
-            outs = _run_opdef(node, op, args, backend)
+        path = node.provenance.module_path
+        with compat.source_context(node.provenance.traceback, path[len(prefix):] if path.startswith(prefix) else path):
+            if isinstance(op, PrimitiveOp):
+                outs = compat.bind(op.primitive, args, node.params)
+            else:
+                backend = backend or jax.default_backend()
+                outs = _run_opdef(node, op, args, backend)
         if len(outs) != len(node.outputs):
             raise GraphError(f"{op.name} lowered to {len(outs)} results, expected {len(node.outputs)}", node)
         for value, out in zip(node.outputs, outs):
@@ -73,7 +82,7 @@ def evaluate(graph: Graph, flat_args: Sequence[Any]) -> list:
 
 def _run_opdef(node: Node, op: OpDef, args, backend: str) -> list:
     kernel = KERNELS.get((op.name, backend)) or KERNELS.get((op.name, None)) or op.impl
-    regions = [RegionFunction(r) for r in node.regions]
+    regions = [RegionFunction(r, node.provenance.module_path) for r in node.regions]
     return list(kernel(*args, regions=regions, **node.params))
 
 

@@ -32,7 +32,9 @@ def export(graph_or_fn: Graph | Callable, *example_args, platforms: Sequence[str
         platforms: any of "tpu", "cuda", "rocm", "cpu"; the artifact runs on each.
 
     Returns:
-        The bytes of a `jax.export.Exported`; see `deserialize`.
+        The bytes of a `jax.export.Exported`; see `deserialize`. It takes the traced arguments,
+        or, when their pytree holds types jax.export cannot serialize (e.g. an nnx `State`),
+        their flat leaves: `exported.call(*jax.tree.leaves(args))`, returning a list of leaves.
     """
     if isinstance(graph_or_fn, Graph):
         graph = graph_or_fn
@@ -40,9 +42,15 @@ def export(graph_or_fn: Graph | Callable, *example_args, platforms: Sequence[str
         from graphopt.trace import trace
 
         graph = trace(graph_or_fn, *example_args, params_argnums=params_argnums)
-    specs = input_specs(graph)
-    exported = jax_export.export(jax.jit(lower(graph)), platforms=tuple(platforms))(*specs)
-    return exported.serialize()
+    lowered, platforms = lower(graph), tuple(platforms)
+    exported = jax_export.export(jax.jit(lowered), platforms=platforms)(*input_specs(graph))
+    try:
+        return exported.serialize()
+    except ValueError:
+        # The argument pytree has node types jax.export cannot serialize (nnx.State, custom
+        # classes): export the flat calling convention instead, leaves in and leaves out.
+        flat_specs = jax.tree_util.tree_leaves(input_specs(graph))
+        return jax_export.export(jax.jit(lowered.flat), platforms=platforms)(*flat_specs).serialize()
 
 
 def deserialize(blob: bytes | bytearray) -> jax_export.Exported:

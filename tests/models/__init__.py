@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,60 @@ def all_models() -> dict[str, Callable[[], ModelCase]]:
 
 
 # ---------------------------------------------------------------------------
+# Cheap deterministic initialisation.
+#
+# Framework initialisers run (and compile) many small XLA programs on CPU,
+# which dominated test time.  Instead, models are initialised abstractly
+# (``jax.eval_shape`` / ``nnx.eval_shape`` / ``eqx.filter_eval_shape``) and
+# the leaves are filled from NumPy here.
+# ---------------------------------------------------------------------------
+
+
+def numpy_init(abstract_tree, seed: int, *, fan_in_axes: Literal["leading", "trailing"] = "leading"):
+    """Fill a pytree of ``jax.ShapeDtypeStruct`` leaves with random values.
+
+    The distribution is chosen from the leaf's key path: ``var`` -> U(0.5, 2)
+    (BatchNorm running variance), ``scale`` -> 1 + 0.1 N(0, 1), ``bias`` /
+    ``mean`` / 1-D leaves -> 0.1 N(0, 1), everything else (kernels,
+    embeddings) -> N(0, 1/fan_in).  ``fan_in_axes="leading"`` means the output
+    dimension is the last axis (Flax layout); ``"trailing"`` means it is the
+    first (Equinox layout).  Integer leaves become zeros.
+    """
+    rng = np.random.default_rng(seed)
+
+    def init(path, leaf):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        shape, dtype = leaf.shape, leaf.dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return jnp.zeros(shape, dtype)
+        name = jax.tree_util.keystr(path)
+        if "'var'" in name or ".var" in name:
+            value = rng.uniform(0.5, 2.0, shape)
+        elif "scale" in name:
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif "bias" in name or "mean" in name or len(shape) <= 1:
+            value = 0.1 * rng.standard_normal(shape)
+        else:
+            out = shape[-1] if fan_in_axes == "leading" else shape[0]
+            fan_in = max(1, int(np.prod(shape)) // out)
+            value = rng.standard_normal(shape) / np.sqrt(fan_in)
+        return jnp.asarray(value, dtype)
+
+    return jax.tree_util.tree_map_with_path(init, abstract_tree)
+
+
+def normal(seed: int, shape, scale: float = 1.0):
+    """Float32 N(0, scale^2) array from NumPy (no XLA compilation)."""
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def randint(seed: int, shape, high: int):
+    """Int32 array uniform in ``[0, high)`` from NumPy."""
+    return jnp.asarray(np.random.default_rng(seed).integers(0, high, shape), jnp.int32)
+
+
+# ---------------------------------------------------------------------------
 # Building blocks shared by the linen and nnx control-flow models.
 # ---------------------------------------------------------------------------
 
@@ -119,8 +174,9 @@ clipped_grad.defvjp(_clipped_grad_fwd, _clipped_grad_bwd)
 
 
 def refine_step(h, w):
-    """One residual refinement step used by the adaptive-depth models."""
-    return h + 0.5 * jnp.tanh(h @ w)
+    """One damped refinement step used by the adaptive-depth models (a
+    contraction for moderate ``w``, so update norms shrink geometrically)."""
+    return 0.5 * h + 0.5 * jnp.tanh(0.5 * (h @ w))
 
 
 def halting_steps(h, w, *, max_steps: int, tol: float):

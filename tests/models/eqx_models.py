@@ -18,10 +18,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from . import ModelCase
+from . import ModelCase, normal, numpy_init
 
 
-def _eqx_case(name, module: eqx.Module, *inputs, **case_kwargs) -> ModelCase:
+def _eqx_case(name, make_module, *inputs, seed=0, **case_kwargs) -> ModelCase:
+    """Build ``make_module()`` abstractly, fill its arrays from NumPy and wrap it."""
+    abstract = eqx.filter_eval_shape(make_module)
+    module = numpy_init(abstract, seed, fan_in_axes="trailing")
     params, static = eqx.partition(module, eqx.is_array)
 
     def fn(params, *xs):
@@ -49,9 +52,9 @@ class BatchedMLP(eqx.Module):
 
 
 def make_mlp() -> ModelCase:
-    x = jax.random.normal(jax.random.key(1), (4, 16))
+    x = normal(1, (4, 16))
     return _eqx_case(
-        "mlp", eqx.filter_jit(BatchedMLP)(jax.random.key(0)), x, param_path_hints=("mlp", "layers", "weight")
+        "mlp", lambda: BatchedMLP(jax.random.key(0)), x, param_path_hints=("mlp", "layers", "weight")
     )
 
 
@@ -79,9 +82,9 @@ class CNN(eqx.Module):
 
 
 def make_cnn() -> ModelCase:
-    x = jax.random.normal(jax.random.key(2), (2, 3, 8, 8))
+    x = normal(2, (2, 3, 8, 8))
     return _eqx_case(
-        "cnn", eqx.filter_jit(CNN)(jax.random.key(0)), x, param_path_hints=("conv1", "head", "weight")
+        "cnn", lambda: CNN(jax.random.key(0)), x, param_path_hints=("conv1", "head", "weight")
     )
 
 

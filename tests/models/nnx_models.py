@@ -36,7 +36,10 @@ from . import (
     halting_steps,
     masked_attention,
     masked_refinement,
+    normal,
+    numpy_init,
     padding_mask,
+    randint,
     surrogate_clip,
 )
 
@@ -48,7 +51,10 @@ HEADS = 4
 LAYERS = 2
 
 
-def _nnx_case(name, module: nnx.Module, *inputs, **case_kwargs) -> ModelCase:
+def _nnx_case(name, make_module, *inputs, seed=0, **case_kwargs) -> ModelCase:
+    """Build ``make_module()`` abstractly, fill its state from NumPy and wrap it."""
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_module))
+    module = nnx.merge(graphdef, numpy_init(abstract_state, seed))
     graphdef, state = nnx.split(module)
 
     def fn(state, *xs):
@@ -66,7 +72,7 @@ def _nnx_case(name, module: nnx.Module, *inputs, **case_kwargs) -> ModelCase:
 
 
 def _tokens(seed):
-    return jax.random.randint(jax.random.key(seed), (BATCH, SEQ), 0, VOCAB, jnp.int32)
+    return randint(seed, (BATCH, SEQ), VOCAB)
 
 
 # ---------------------------------------------------------------------------
@@ -89,9 +95,9 @@ class MLP(nnx.Module):
 
 
 def make_mlp() -> ModelCase:
-    x = jax.random.normal(jax.random.key(1), (4, 16))
+    x = normal(1, (4, 16))
     return _nnx_case(
-        "mlp", MLP(rngs=nnx.Rngs(0)), x, param_path_hints=("layers", "kernel", "bias")
+        "mlp", lambda: MLP(rngs=nnx.Rngs(0)), x, param_path_hints=("layers", "kernel", "bias")
     )
 
 
@@ -116,17 +122,10 @@ class CNN(nnx.Module):
 
 
 def make_cnn_bn() -> ModelCase:
-    model = CNN(rngs=nnx.Rngs(0))
-    # Non-trivial running statistics (defaults are mean 0 / var 1).
-    keys = iter(jax.random.split(jax.random.key(3), 4))
-    for bn in (model.bn1, model.bn2):
-        bn.mean.value = 0.3 * jax.random.normal(next(keys), bn.mean.value.shape)
-        bn.var.value = jax.random.uniform(
-            next(keys), bn.var.value.shape, minval=0.5, maxval=2.0
-        )
-    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+    x = normal(2, (2, 8, 8, 3))
+    # numpy_init gives BatchNorm non-trivial running statistics (mean, var).
     return _nnx_case(
-        "cnn_bn", model, x, param_path_hints=("conv1", "bn2", "head", "mean", "var")
+        "cnn_bn", lambda: CNN(rngs=nnx.Rngs(0)), x, seed=3, param_path_hints=("conv1", "bn2", "head", "mean", "var")
     )
 
 
@@ -139,7 +138,7 @@ class DecoderBlock(nnx.Module):
     def __init__(self, *, rngs: nnx.Rngs):
         self.ln_attn = nnx.LayerNorm(D_MODEL, rngs=rngs)
         self.attn = nnx.MultiHeadAttention(
-            HEADS, D_MODEL, decode=False, deterministic=True, rngs=rngs
+            HEADS, D_MODEL, decode=False, deterministic=True, keep_rngs=False, rngs=rngs
         )
         self.ln_mlp = nnx.LayerNorm(D_MODEL, rngs=rngs)
         self.mlp_in = nnx.Linear(D_MODEL, 4 * D_MODEL, rngs=rngs)
@@ -180,7 +179,7 @@ class ScanDecoder(nnx.Module):
 def make_decoder_scan() -> ModelCase:
     return _nnx_case(
         "decoder_scan",
-        ScanDecoder(rngs=nnx.Rngs(0)),
+        lambda: ScanDecoder(rngs=nnx.Rngs(0)),
         _tokens(4),
         expected_ops=frozenset({"scan", "remat"}),
         param_path_hints=("blocks", "attn", "query", "embed", "pos_embed"),
@@ -242,7 +241,7 @@ def make_encoder_padmask() -> ModelCase:
     lengths = jnp.array([SEQ, 5], jnp.int32)
     return _nnx_case(
         "encoder_padmask",
-        Encoder(rngs=nnx.Rngs(0)),
+        lambda: Encoder(rngs=nnx.Rngs(0)),
         _tokens(5),
         lengths,
         expected_ops=frozenset({"scan", "remat"}),
@@ -256,7 +255,7 @@ def make_encoder_padmask() -> ModelCase:
 
 
 class Adaptive(nnx.Module):
-    def __init__(self, in_features=16, features=32, max_steps=6, tol=0.9, *, rngs: nnx.Rngs):
+    def __init__(self, in_features=16, features=32, max_steps=6, tol=0.25, *, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal()
         self.encoder = nnx.Linear(in_features, features, rngs=rngs)
         self.branch_a = nnx.Param(init(rngs.params(), (features, features)))
@@ -282,10 +281,10 @@ class Adaptive(nnx.Module):
 
 
 def make_adaptive() -> ModelCase:
-    x = jax.random.normal(jax.random.key(6), (4, 16))
+    x = normal(6, (4, 16))
     return _nnx_case(
         "adaptive",
-        Adaptive(rngs=nnx.Rngs(0)),
+        lambda: Adaptive(rngs=nnx.Rngs(0)),
         x,
         expected_ops=frozenset(
             {"cond", "while", "scan", "custom_jvp_call", "custom_vjp_call"}

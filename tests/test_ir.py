@@ -1,0 +1,132 @@
+"""Graph / Node / Value: building, rewiring, erasing, and the invariants verify() enforces."""
+
+import jax
+import numpy as np
+import pytest
+
+from graphopt.errors import GraphError
+from graphopt.ir import Graph
+from graphopt.ops import primitive_op
+from graphopt.types import TensorType
+
+F32_3 = TensorType((3,), np.float32)
+
+
+def _sin_cos_graph():
+    g = Graph()
+    x = g.add_input(F32_3, path="x")
+    s = g.add_node(primitive_op(jax.lax.sin_p), [x])
+    c = g.add_node(primitive_op(jax.lax.cos_p), [s.output])
+    g.set_outputs([c.output])
+    return g, x, s, c
+
+
+def test_types_come_from_the_shape_rule():
+    g = Graph()
+    a = g.add_input(TensorType((2, 3), np.float32))
+    b = g.add_input(TensorType((3, 5), np.float32))
+    node = g.add_node(primitive_op(jax.lax.dot_general_p), [a, b],
+                      {"dimension_numbers": (((1,), (0,)), ((), ())), "precision": None,
+                       "preferred_element_type": np.dtype(np.float32), "out_sharding": None})
+    assert node.output.type == TensorType((2, 5), np.float32)
+
+
+def test_shape_rule_rejects_bad_inputs_with_the_op_name():
+    g = Graph()
+    a = g.add_input(TensorType((2, 3), np.float32))
+    b = g.add_input(TensorType((4,), np.int32))
+    with pytest.raises(GraphError, match="add"):
+        g.add_node(primitive_op(jax.lax.add_p), [a, b])
+
+
+def test_use_lists_are_maintained():
+    g, x, s, c = _sin_cos_graph()
+    assert x.uses == [(s, 0)]
+    assert s.output.uses == [(c, 0)]
+    assert c.output.uses == [(None, 0)]
+    g.verify()
+
+
+def test_replace_all_uses_rewires_nodes_and_outputs():
+    g, x, s, c = _sin_cos_graph()
+    neg = g.add_node(primitive_op(jax.lax.neg_p), [x], before=c)
+    g.replace_all_uses(s.output, neg.output)
+    assert c.inputs[0] is neg.output and s.output.uses == []
+    g.replace_all_uses(c.output, neg.output)
+    assert g.outputs == [neg.output]
+    g.erase(c)
+    g.erase(s)
+    assert [n.op.name for n in g.nodes] == ["neg"]
+    g.verify()
+
+
+def test_replace_all_uses_refuses_another_type():
+    g, x, s, c = _sin_cos_graph()
+    conv = g.add_node(primitive_op(jax.lax.convert_element_type_p), [x],
+                      {"new_dtype": np.dtype(np.int32), "weak_type": False, "sharding": None})
+    with pytest.raises(GraphError, match="type mismatch"):
+        g.replace_all_uses(s.output, conv.output)
+
+
+def test_erase_refuses_a_node_that_is_still_used():
+    g, x, s, c = _sin_cos_graph()
+    with pytest.raises(GraphError, match="still has 1 use"):
+        g.erase(s)
+
+
+def test_insert_before_and_after_keeps_order():
+    g, x, s, c = _sin_cos_graph()
+    first = g.add_node(primitive_op(jax.lax.neg_p), [x], before=s)
+    middle = g.add_node(primitive_op(jax.lax.abs_p), [s.output], after=s)
+    assert list(g.nodes) == [first, s, middle, c]
+    assert len(g) == 4
+    g.verify()
+
+
+def test_operands_must_come_from_the_same_graph():
+    g, x, *_ = _sin_cos_graph()
+    other = Graph()
+    with pytest.raises(GraphError, match="another graph"):
+        other.add_node(primitive_op(jax.lax.neg_p), [x])
+
+
+def test_verify_catches_use_before_definition():
+    g, x, s, c = _sin_cos_graph()
+    # Move the sin node after its user by unlinking it by hand (what a buggy pass might do).
+    g._first, s._next, c._prev = c, None, None
+    c._next, s._prev, g._last = s, c, s
+    with pytest.raises(GraphError, match="used before it is defined"):
+        g.verify()
+
+
+def test_verify_catches_stale_types_and_uses():
+    g, x, s, c = _sin_cos_graph()
+    s.outputs[0].type = TensorType((3,), np.float16)
+    with pytest.raises(GraphError, match="stale output types"):
+        g.verify()
+    g, x, s, c = _sin_cos_graph()
+    c.inputs[0] = x  # edited behind the graph's back
+    with pytest.raises(GraphError, match="use lists are out of date"):
+        g.verify()
+
+
+def test_constants_keep_the_given_object():
+    g = Graph()
+    array = np.arange(4.0, dtype=np.float32)
+    value = g.constant(array)
+    assert value.node.params["value"] is array
+    assert value.type == TensorType((4,), np.float32)
+
+
+def test_argument_roles_are_checked():
+    with pytest.raises(ValueError, match="role"):
+        Graph().add_input(F32_3, role="weight")
+
+
+def test_walk_visits_regions():
+    import graphopt
+
+    g = graphopt.trace(lambda x: jax.lax.scan(lambda c, v: (c + jax.numpy.sin(v), c), 0.0, x), np.ones(3, np.float32))
+    names = [n.op.name for n in g.walk()]
+    assert "scan" in names and "sin" in names
+    assert "sin" not in [n.op.name for n in g.nodes]

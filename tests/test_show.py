@@ -1,0 +1,61 @@
+"""The text listing and the summary."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import graphopt
+
+
+def test_listing_reads_like_a_program():
+    def f(w, x):
+        return jnp.tanh(x @ w) * 2.0
+
+    g = graphopt.trace(f, jnp.ones((4, 2)), jnp.ones((3, 4)), params_argnums=0)
+    from graphopt.show import format_graph
+
+    assert format_graph(g, show_source=False) == "\n".join([
+        "graph f(%w: f32[4,2] param, %x: f32[3,4]) {",
+        "  %0 = dot_general[dimension_numbers=(((1,),(0,)),((),())) preferred_element_type=f32] %x, %w : f32[3,2]",
+        "  %1 = tanh[accuracy] %0 : f32[3,2]".replace("[accuracy]", _tanh_params(g)),
+        "  %2 = mul %1, 2.0 : f32[3,2]",
+        "  return %2",
+        "}",
+    ])
+
+
+def _tanh_params(g):
+    tanh = next(n for n in g.nodes if n.op.name == "tanh")
+    shown = {k: v for k, v in tanh.params.items() if v is not None}
+    return "" if not shown else "[" + " ".join(f"{k}={v}" for k, v in sorted(shown.items())) + "]"
+
+
+def test_listing_shows_regions_module_paths_and_sources():
+    class Scanned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jax.lax.scan(lambda c, v: (c + nn.Dense(3, name="cell")(v), None), x[0], x)[0]
+
+    x = jnp.ones((5, 3))
+    model = Scanned()
+    variables = model.init(jax.random.PRNGKey(0), x)
+    text = str(graphopt.trace(model.apply, variables, x))
+    assert "scan[" in text and "  body(" in text
+    assert "# Scanned/cell" in text and "test_show.py:" in text
+
+
+def test_summary_counts():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8)(nn.Dense(16)(x))
+
+    x = jnp.ones((2, 4))
+    variables = Net().init(jax.random.PRNGKey(0), x)
+    summary = graphopt.trace(Net().apply, variables, x).summary()
+    assert summary.params == 4 * 16 + 16 + 16 * 8 + 8
+    assert summary.param_bytes == 4 * summary.params
+    assert summary.op_counts["dot_general"] == 2
+    assert summary.flops == 2 * 2 * 4 * 16 + 2 * 16 + 2 * 2 * 16 * 8 + 2 * 8
+    text = str(summary)
+    assert "dot_general" in text and "FLOPs" in text and "parameters" in text
