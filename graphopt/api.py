@@ -7,8 +7,12 @@ Example:
     ...     return jnp.tanh(x) * 2
     >>> f(jnp.zeros(3)).tolist()
     [0.0, 0.0, 0.0]
-    >>> [n.op.name for n in f.graph.nodes]
-    ['tanh', 'mul']
+    >>> print(f.graph)  # doctest: +ELLIPSIS
+    graph f(%x: f32[3]) {
+      %0 = tanh %x : f32[3]  # ...
+      %1 = mul %0, 2.0 : f32[3]  # ...
+      return %1
+    }
 """
 
 from __future__ import annotations

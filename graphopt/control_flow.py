@@ -85,7 +85,7 @@ def _while_infer(in_types, params, regions):
         raise TypeError(f"while cond must return bool[], returns {pred}")
     _expect("while body inputs", _types(body.inputs), body_consts + init)
     _expect("while body outputs", _types(body.outputs), init)
-    return list(init)
+    return _types(body.outputs)  # as JAX's rule: the body's types (weak flags may differ from init)
 
 
 def _while_impl(*args, regions, cond_nconsts, body_nconsts, **_):

@@ -195,7 +195,13 @@ class _Builder:
         return self.draw(st.integers(0, p_true_in - 1)) == p_true_in - 1
 
     def emit(self, op: str, fn: Callable, *args, **params) -> int | None:
-        """Append ``fn(*args, **params)``; None if its result would be too big."""
+        """Append ``fn(*args, **params)``; None if its result would be too big.
+
+        A None operand (a helper instruction that was too big) rejects this
+        instruction too, so size limits never need checking up front.
+        """
+        if any(a is None for a in args):
+            return None
         specs = [a.value if isinstance(a, Lit) else
                  jax.ShapeDtypeStruct(self.avals[a].shape, self.avals[a].dtype) for a in args]
         out = jax.eval_shape(functools.partial(fn, **params), *specs)
@@ -255,6 +261,12 @@ def _broadcastable(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
 
 
 def _convert(x, new_dtype):
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(new_dtype, jnp.integer):
+        # XLA saturates and maps NaN to 0, but JAX constant-folds conversions
+        # of scalar constants with numpy, where NaN/Inf/out-of-range casts are
+        # platform dependent (and warn). Keep the operand in range everywhere.
+        bound = np.asarray(2.0**30, x.dtype)
+        x = lax.select(lax.ne(x, x), lax.full_like(x, 0), lax.clamp(-bound, x, bound))
     return lax.convert_element_type(x, new_dtype)
 
 

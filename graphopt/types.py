@@ -1,8 +1,7 @@
 """TensorType: the static type of every value in a graphopt graph (shape, dtype, weak type).
 
 Example:
-    >>> import jax
-import numpy as np
+    >>> import numpy as np
     >>> t = TensorType((2, 3), np.dtype("float32"))
     >>> str(t), t.size, t.nbytes
     ('f32[2,3]', 6, 24)
@@ -13,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import numpy as np
 
 from graphopt import _jax_compat as compat
