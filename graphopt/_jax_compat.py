@@ -25,8 +25,9 @@ from jax._src.lax.control_flow import conditionals as _conditionals
 from jax._src.lax.control_flow import loops as _loops
 
 Primitive = _core.Primitive
-ClosedJaxpr = _core.ClosedJaxpr
 Jaxpr = _core.Jaxpr
+# JAX ≤ 0.11 pairs a Jaxpr with its consts in a ClosedJaxpr; from 0.12 a Jaxpr holds its consts.
+ClosedJaxpr = getattr(_core, "ClosedJaxpr", None)
 Literal = _core.Literal
 DropVar = _core.DropVar
 ShapedArray = _core.ShapedArray
@@ -65,10 +66,9 @@ def primitive_kind(primitive: Primitive) -> str:
     return _KINDS.get(primitive, "primitive")
 
 
-def inlined_jaxpr(params: dict) -> ClosedJaxpr:
-    """The body of an inlined call primitive as a ClosedJaxpr."""
-    jaxpr = params.get("jaxpr", params.get("call_jaxpr"))
-    return jaxpr if isinstance(jaxpr, ClosedJaxpr) else ClosedJaxpr(jaxpr, ())
+def inlined_jaxpr(params: dict):
+    """The body of an inlined call primitive (a jaxpr; read it with `jaxpr_parts`)."""
+    return params.get("jaxpr", params.get("call_jaxpr"))
 
 
 def has_subjaxprs(params: dict) -> bool:
@@ -76,8 +76,22 @@ def has_subjaxprs(params: dict) -> bool:
     return any(True for _ in _core.jaxprs_in_params(params))
 
 
-def closed(jaxpr: Jaxpr | ClosedJaxpr) -> ClosedJaxpr:
-    return jaxpr if isinstance(jaxpr, ClosedJaxpr) else ClosedJaxpr(jaxpr, ())
+def jaxpr_parts(jaxpr):
+    """(constvars, consts, invars, eqns, outvars) of a jaxpr, closed or open, on any JAX version."""
+    consts = getattr(jaxpr, "consts", ())
+    inner = jaxpr.jaxpr if ClosedJaxpr is not None and isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    return inner.constvars, consts, inner.invars, inner.eqns, inner.outvars
+
+
+def scan_layout(params: dict, num_operands: int) -> tuple[int, int]:
+    """(num_consts, num_carry) of a scan equation.
+
+    JAX ≤ 0.11 stores the counts; JAX 0.12 stores the operand trees (consts, carry, xs) instead.
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].update(list(range(num_operands))).unpack()
+    return len(list(consts)), len(list(carry))
 
 
 def shaped_array(shape: Sequence[int], dtype: Any, weak_type: bool = False) -> ShapedArray:

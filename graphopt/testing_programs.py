@@ -1,12 +1,14 @@
-"""Hypothesis strategies that generate random straight-line JAX programs.
+"""Hypothesis strategies that generate random JAX programs.
 
 A :class:`Program` is an ordinary callable (``program(*program.args)`` runs
-it) made of a short list of instructions over ``jax.lax`` primitives, plus
-example inputs full of awkward values: NaN, ±Inf, −0, rank-0 and size-0
-arrays. It exists to fuzz graphopt's trace → lower round trip, so it
-deliberately exercises the things a tracer gets wrong: scalar literals,
-captured constants, implicit rank-0 broadcasting, nested ``jit`` calls,
-``custom_jvp`` functions, inputs returned as outputs, duplicated outputs.
+it): a short straight-line list of instructions over ~90 ``jax.lax``
+primitives, plus example inputs full of awkward values: NaN, ±Inf, −0,
+rank-0 and size-0 arrays. It exists to fuzz graphopt's trace → lower round
+trip, so it deliberately exercises what a tracer gets wrong: scalar
+literals, captured constants, implicit rank-0 broadcasting, Python-scalar
+(weakly typed) and nested pytree arguments, nested ``jit`` calls,
+``custom_jvp``/``custom_vjp`` functions, ``cond``/``while``/``scan``/
+``checkpoint`` regions, inputs returned as outputs, duplicated outputs.
 
 Example::
 
@@ -18,9 +20,10 @@ Example::
         equivalence_check(program, *program.args)
 
 Every operand is chosen so that the program is well defined: integer
-division guards its divisor, multi-operand sorts are stable, scatters never
-overwrite (only combine), so ``jax.jit(program)`` is deterministic and any
-faithful re-expression of it compiles to the same HLO and the same bits.
+division guards its divisor, float → int conversions stay in range,
+multi-operand sorts are stable, scatters combine rather than overwrite, so
+``jax.jit(program)`` is deterministic and any faithful re-expression of it
+computes the same bits.
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ _MAX_SIZE = 256
 _SHORT = {F32: "f32", BF16: "bf16", I32: "i32", BOOL: "bool"}
 _INT_MIN = np.iinfo(np.int32).min
 
-# Values that break naive implementations come first so hypothesis shrinks
-# towards them; ordinary finite values are drawn separately.
+# The first seven are the IEEE corner cases and get a third of all draws;
+# the rest are merely awkward magnitudes. Ordinary values are drawn separately.
 SPECIAL_FLOATS = (0.0, -0.0, 1.0, -1.0, math.nan, math.inf, -math.inf, 0.5, -2.5, 3.0,
                   1e-3, 1e4, 1e30, -1e-40)
 SPECIAL_INTS = (0, 1, -1, 2, -7, 100, 65536, 2**31 - 1, _INT_MIN)
@@ -85,13 +88,15 @@ def arrays(shape: tuple[int, ...], dtype: np.dtype) -> st.SearchStrategy[np.ndar
 
 @dataclasses.dataclass(frozen=True)
 class Aval:
-    """Shape and dtype of a program value."""
+    """Shape and dtype of a program value (weak: JAX's weak type, of Python scalars)."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
+    weak: bool = False
 
     def __str__(self) -> str:
-        return f"{_SHORT[self.dtype]}[{','.join(map(str, self.shape))}]"
+        weak = "weak " if self.weak else ""
+        return f"{weak}{_SHORT[self.dtype]}[{','.join(map(str, self.shape))}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,26 +123,29 @@ class Instr:
 class Program:
     """A random straight-line JAX program together with example arguments.
 
-    Call it like a function: ``program(*program.args)``. Its ``repr`` is a
-    jaxpr-like listing, which is what hypothesis prints for a failing case::
+    Call it like a function: ``program(*program.args)``. The arguments are
+    a tuple of pytrees whose leaves are numpy arrays or Python scalars; the
+    program numbers those leaves ``x0, x1, ...`` in flattening order. Its
+    ``repr`` is a jaxpr-like listing, which is what hypothesis prints for a
+    failing case::
 
-        Program(x0: f32[2], x1: i32[]) -> (v3, x1)
+        Program(x0: f32[2], {'p0': x1: weak f32[]}) -> (v3, x1)
           v2: f32[2] = exp(x0)
-          v3: f32[2] = add(v2, np.float32(1.0):f32)
+          v3: f32[2] = add(v2, 1.0:f32)
         args:
           x0 = array([nan, -0.], dtype=float32)
-          x1 = array(3, dtype=int32)
+          x1 = 3.0
     """
 
     def __init__(self, in_avals, instrs, outputs, args):
         self.in_avals: tuple[Aval, ...] = tuple(in_avals)
         self.instrs: tuple[Instr, ...] = tuple(instrs)
         self.outputs = outputs  # pytree whose leaves are value ids
-        self.args: tuple[np.ndarray, ...] = tuple(args)
+        self.args: tuple = tuple(args)
         self.__name__ = "program"  # so jax.jit & friends can name it
 
     def __call__(self, *xs):
-        env = list(xs)
+        env = jax.tree.leaves(xs)
         for ins in self.instrs:
             operands = (a.value if isinstance(a, Lit) else env[a] for a in ins.args)
             env.append(ins.fn(*operands, **ins.params))
@@ -154,7 +162,9 @@ class Program:
         return f"x{i}" if i < len(self.in_avals) else f"v{i}"
 
     def __repr__(self) -> str:
-        ins_str = ", ".join(f"x{i}: {a}" for i, a in enumerate(self.in_avals))
+        named = [_Raw(f"x{i}: {a}") for i, a in enumerate(self.in_avals)]
+        ins_str = repr(jax.tree.unflatten(jax.tree.structure(self.args), named))[1:-1]
+        ins_str = ins_str[:-1] if ins_str.endswith(",") else ins_str  # a 1-tuple's comma
         outs = jax.tree.map(lambda i: _Raw(self._name(i)), self.outputs)
         lines = [f"Program({ins_str}) -> {outs}"]
         for k, ins in enumerate(self.instrs, start=len(self.in_avals)):
@@ -162,7 +172,7 @@ class Program:
             args = ", ".join(self._name(a) for a in ins.args)
             lines.append(f"  v{k}: {ins.aval} = {ins.op}{f'[{params}]' if params else ''}({args})")
         lines.append("args:")
-        lines += [f"  x{i} = {_fmt(a)}" for i, a in enumerate(self.args)]
+        lines += [f"  x{i} = {_fmt(a)}" for i, a in enumerate(jax.tree.leaves(self.args))]
         return "\n".join(lines)
 
 
@@ -202,10 +212,10 @@ class _Builder:
         """
         if any(a is None for a in args):
             return None
-        specs = [a.value if isinstance(a, Lit) else
-                 jax.ShapeDtypeStruct(self.avals[a].shape, self.avals[a].dtype) for a in args]
+        specs = [a.value if isinstance(a, Lit) else jax.ShapeDtypeStruct(
+            self.avals[a].shape, self.avals[a].dtype, weak_type=self.avals[a].weak) for a in args]
         out = jax.eval_shape(functools.partial(fn, **params), *specs)
-        aval = Aval(tuple(out.shape), np.dtype(out.dtype))
+        aval = Aval(tuple(out.shape), np.dtype(out.dtype), bool(out.weak_type))
         if len(aval.shape) > _MAX_RANK or math.prod(aval.shape) > _MAX_SIZE:
             return None
         self.instrs.append(Instr(op, fn, tuple(args), params, aval))
@@ -653,7 +663,12 @@ def programs(draw, *, max_ops: int = 8, max_inputs: int = 3, dtypes=ANY,
     ...     p(*p.args)
     >>> test()
     """
-    in_avals = [Aval(s, draw(st.sampled_from(tuple(dtypes)))) for s in draw(_shapes(max_inputs))]
+    in_avals = []
+    for shape in draw(_shapes(max_inputs)):
+        dtype = draw(st.sampled_from(tuple(dtypes)))
+        # Rank-0 f32/i32 inputs are sometimes Python scalars: weakly typed in JAX.
+        weak = shape == () and dtype in (F32, I32) and draw(st.integers(0, 3)) == 3
+        in_avals.append(Aval(shape, dtype, weak))
     b = _Builder(draw, in_avals)
     for _ in range(draw(st.integers(1, max_ops))):
         OP_FAMILIES[draw(st.sampled_from(tuple(families)))](b)
@@ -661,5 +676,14 @@ def programs(draw, *, max_ops: int = 8, max_inputs: int = 3, dtypes=ANY,
     extra = draw(st.lists(st.integers(0, n - 1), max_size=2))
     outputs = draw(st.sampled_from([
         n - 1, (n - 1, *extra), {"out": n - 1, "aux": tuple(extra)}]))
-    args = [draw(arrays(a.shape, a.dtype)) for a in in_avals]
+    leaves = [draw(arrays(a.shape, a.dtype)) for a in in_avals]
+    leaves = [x.item() if a.weak else x for x, a in zip(leaves, in_avals)]
+    # Positional arguments may be pytrees: (x0, {"p0": x1, ...}) or (x0, (x1, ...)).
+    nest = draw(st.sampled_from([None, dict, tuple])) if len(leaves) > 1 else None
+    if nest is dict:
+        args = (leaves[0], {f"p{i}": x for i, x in enumerate(leaves[1:])})
+    elif nest is tuple:
+        args = (leaves[0], tuple(leaves[1:]))
+    else:
+        args = tuple(leaves)
     return Program(in_avals, b.instrs, outputs, args)

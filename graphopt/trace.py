@@ -64,10 +64,10 @@ def trace(fn: Callable, *example_args, params_argnums=None, static_argnums=()) -
     graph = Graph(model_name)
     graph.in_tree = in_tree
     graph.out_tree = jax.tree_util.tree_structure(out_shape)
-    for (path, _), var in zip(leaves, closed_jaxpr.jaxpr.invars):
+    for (path, _), var in zip(leaves, compat.jaxpr_parts(closed_jaxpr)[2]):
         role, name = _role_and_path(adapted, path)
         graph.add_input(TensorType.of_aval(compat.aval_of(var)), role, name)
-    outs = _Converter().convert(graph, closed_jaxpr.jaxpr, closed_jaxpr.consts, graph.inputs, "")
+    outs = _Converter().convert(graph, closed_jaxpr, graph.inputs, "")
     graph.set_outputs(outs)
     return graph
 
@@ -175,26 +175,26 @@ class _Converter:
     def __init__(self):
         self._literals: dict[tuple, Value] = {}
 
-    def convert(self, graph: Graph, jaxpr, consts, in_values, module_path: str) -> list[Value]:
+    def convert(self, graph: Graph, jaxpr, in_values, module_path: str) -> list[Value]:
+        constvars, consts, invars, eqns, outvars = compat.jaxpr_parts(jaxpr)
         env: dict[Any, Value] = {}
-        for var, const in zip(jaxpr.constvars, consts):
+        for var, const in zip(constvars, consts):
             env[var] = graph.constant(const, compat.aval_of(var).dtype, provenance=Provenance(module_path))
-        env.update(zip(jaxpr.invars, in_values))
-        for eqn in jaxpr.eqns:
+        env.update(zip(invars, in_values))
+        for eqn in eqns:
             inputs = [self._read(graph, env, atom) for atom in eqn.invars]
             path = _join(module_path, compat.name_stack(eqn.source_info))
             outs = self._equation(graph, eqn, inputs, path)
             for var, value in zip(eqn.outvars, outs):
                 if not isinstance(var, compat.DropVar):
                     env[var] = value
-        return [self._read(graph, env, atom) for atom in jaxpr.outvars]
+        return [self._read(graph, env, atom) for atom in outvars]
 
     def _equation(self, graph, eqn, inputs, path) -> list[Value]:
         primitive, params = eqn.primitive, eqn.params
         kind = compat.primitive_kind(primitive)
         if kind == "inline":
-            body = compat.inlined_jaxpr(params)
-            return self.convert(graph, body.jaxpr, body.consts, inputs, path)
+            return self.convert(graph, compat.inlined_jaxpr(params), inputs, path)
         provenance = Provenance(path, compat.traceback_of(eqn.source_info))
         types = [TensorType.of_aval(compat.aval_of(v)) for v in eqn.outvars]
         if kind in control_flow.REGION_OPS:
@@ -203,7 +203,7 @@ class _Converter:
             jaxprs = params[region_params[0]] if kind == "cond" else [params[p] for p in region_params]
             regions = [self._region(j, f"{kind}.{name}", path)
                        for j, name in zip(jaxprs, _region_names(op, len(jaxprs)))]
-            rest = {k: v for k, v in params.items() if k not in region_params}
+            rest = _region_op_params(kind, params, len(inputs))
             node = graph.add_node(op, inputs, rest, regions, provenance, _types=types, _effects=eqn.effects)
         else:
             op = primitive_op(primitive, opaque=compat.has_subjaxprs(params))
@@ -211,11 +211,10 @@ class _Converter:
         return list(node.outputs)
 
     def _region(self, jaxpr, name: str, module_path: str) -> Graph:
-        closed = compat.closed(jaxpr)
         region = Graph(name)
-        for var in closed.jaxpr.invars:
+        for var in compat.jaxpr_parts(jaxpr)[2]:
             region.add_input(TensorType.of_aval(compat.aval_of(var)))
-        region.set_outputs(self.convert(region, closed.jaxpr, closed.consts, region.inputs, module_path))
+        region.set_outputs(self.convert(region, jaxpr, region.inputs, module_path))
         return region
 
     def _read(self, graph: Graph, env, atom) -> Value:
@@ -237,6 +236,17 @@ _REGION_PARAMS = {
     "scan": ("jaxpr",), "while": ("cond_jaxpr", "body_jaxpr"), "cond": ("branches",),
     "remat": ("jaxpr",), "custom_jvp_call": ("call_jaxpr",), "custom_vjp_call": ("call_jaxpr",),
 }
+
+
+def _region_op_params(kind: str, params: dict, num_operands: int) -> dict:
+    """graphopt's params for a region op: JAX's, less the jaxprs (now regions); for scan, the
+    canonical layout (num_consts, num_carry) whatever the JAX version's own encoding."""
+    if kind != "scan":
+        return {k: v for k, v in params.items() if k not in _REGION_PARAMS[kind]}
+    num_consts, num_carry = compat.scan_layout(params, num_operands)
+    return {"num_consts": num_consts, "num_carry": num_carry, "length": params["length"],
+            "reverse": params["reverse"], "unroll": params["unroll"],
+            "_split_transpose": bool(params.get("_split_transpose", False))}
 
 
 def _region_names(op, count: int) -> list[str]:

@@ -11,9 +11,11 @@ Run longer with GRAPHOPT_HYPOTHESIS_PROFILE=deep.
 
 import math
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, find, given, settings
+from hypothesis import strategies as st
 
 from graphopt.testing import OP_FAMILIES, equivalence_check, primitives, programs
 
@@ -46,9 +48,11 @@ _SEARCH = settings(max_examples=400, phases=[Phase.generate], database=None, dea
                    suppress_health_check=list(HealthCheck))
 
 
-@given(programs())
-def test_trace_lower_roundtrip_is_exact(program):
-    equivalence_check(program, *program.args)
+@given(programs(), st.data())
+def test_trace_lower_roundtrip_is_exact(program, data):
+    # Which arguments count as parameters changes roles and names, never values.
+    params = data.draw(st.sampled_from([None, (0,), (len(program.args) - 1,)]), "params_argnums")
+    equivalence_check(program, *program.args, params_argnums=params)
 
 
 def test_families_table_matches_generator():
@@ -80,16 +84,22 @@ def _finds(condition):
     return find(programs(), condition, settings=_SEARCH)
 
 
+def _leaves(program):
+    return [np.asarray(x) for x in jax.tree.leaves(program.args)]
+
+
 def test_generates_rank0_size0_and_special_values():
-    floats = lambda p: [x.astype(np.float64) for x in p.args if x.dtype.kind != "b"
-                        and x.dtype != np.int32]
-    _finds(lambda p: any(x.ndim == 0 for x in p.args))
-    _finds(lambda p: any(x.size == 0 and x.ndim > 0 for x in p.args))
+    floats = lambda p: [x.astype(np.float64) for x in _leaves(p) if x.dtype.kind not in "bi"]
+    _finds(lambda p: any(x.ndim == 0 for x in _leaves(p)))
+    _finds(lambda p: any(x.size == 0 and x.ndim > 0 for x in _leaves(p)))
     _finds(lambda p: any(np.isnan(x).any() for x in floats(p)))
     _finds(lambda p: any((x == math.inf).any() for x in floats(p)))
     _finds(lambda p: any((x == -math.inf).any() for x in floats(p)))
     _finds(lambda p: any(((x == 0) & np.signbit(x)).any() for x in floats(p)))
-    _finds(lambda p: any(x.dtype.name == "bfloat16" for x in p.args))
-    _finds(lambda p: any(x.dtype == np.bool_ for x in p.args))
+    _finds(lambda p: any(x.dtype.name == "bfloat16" for x in _leaves(p)))
+    _finds(lambda p: any(x.dtype == np.bool_ for x in _leaves(p)))
     # Ops whose result is a size-0 array even though the inputs are not.
-    _finds(lambda p: any(0 in i.aval.shape for i in p.instrs) and all(x.size for x in p.args))
+    _finds(lambda p: any(0 in i.aval.shape for i in p.instrs) and all(x.size for x in _leaves(p)))
+    # Python scalars (weakly typed) and nested pytree arguments.
+    _finds(lambda p: any(isinstance(x, float) for x in jax.tree.leaves(p.args)))
+    _finds(lambda p: any(isinstance(x, dict) for x in p.args))

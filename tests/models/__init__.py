@@ -87,7 +87,9 @@ def all_models() -> dict[str, Callable[[], ModelCase]]:
 # ---------------------------------------------------------------------------
 
 
-def numpy_init(abstract_tree, seed: int, *, fan_in_axes: Literal["leading", "trailing"] = "leading"):
+def numpy_init(
+    abstract_tree, seed: int, *, fan_in_axes: Literal["leading", "trailing"] = "leading"
+):
     """Fill a pytree of ``jax.ShapeDtypeStruct`` leaves with random values.
 
     The distribution is chosen from the leaf's key path: ``var`` -> U(0.5, 2)

@@ -54,7 +54,10 @@ class BatchedMLP(eqx.Module):
 def make_mlp() -> ModelCase:
     x = normal(1, (4, 16))
     return _eqx_case(
-        "mlp", lambda: BatchedMLP(jax.random.key(0)), x, param_path_hints=("mlp", "layers", "weight")
+        "mlp",
+        lambda: BatchedMLP(jax.random.key(0)),
+        x,
+        param_path_hints=("mlp", "layers", "weight"),
     )
 
 

@@ -32,7 +32,6 @@ import jax.numpy as jnp
 from . import (
     ModelCase,
     branch,
-    causal_mask,
     clipped_grad,
     halting_steps,
     masked_attention,

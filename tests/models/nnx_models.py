@@ -125,7 +125,11 @@ def make_cnn_bn() -> ModelCase:
     x = normal(2, (2, 8, 8, 3))
     # numpy_init gives BatchNorm non-trivial running statistics (mean, var).
     return _nnx_case(
-        "cnn_bn", lambda: CNN(rngs=nnx.Rngs(0)), x, seed=3, param_path_hints=("conv1", "bn2", "head", "mean", "var")
+        "cnn_bn",
+        lambda: CNN(rngs=nnx.Rngs(0)),
+        x,
+        seed=3,
+        param_path_hints=("conv1", "bn2", "head", "mean", "var"),
     )
 
 
