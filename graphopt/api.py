@@ -70,7 +70,7 @@ class Optimized:
         if compiled is None:
             graph = trace(self.fn, *args, params_argnums=self.params_argnums,
                           static_argnums=self.static_argnums)
-            graph = run_pipeline(graph, self.pipeline)
+            graph = run_pipeline(graph, self.pipeline).graph
             lowered = lower(graph)
             compiled = jax.jit(lowered) if self.jit else lowered
             self.graphs[key], self._compiled[key] = graph, compiled

@@ -78,3 +78,9 @@ def param_stats(graph) -> tuple[int, int]:
     """(number of parameter elements, parameter bytes) over the graph's `param` inputs."""
     params = graph.params()
     return sum(p.type.size for p in params), sum(p.type.nbytes for p in params)
+
+
+def graph_bytes(graph) -> int:
+    """Bytes of the weights the program carries: parameter inputs plus constants (regions included)."""
+    constants = sum(n.outputs[0].type.nbytes for n in graph.walk() if n.op.name == "constant")
+    return param_stats(graph)[1] + constants

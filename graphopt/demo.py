@@ -100,7 +100,8 @@ def run_demo(config: DemoConfig = DemoConfig(), pipeline: str = "default", conso
     start = time.perf_counter()
     graph = graphopt.trace(model.apply, variables, tokens)
     traced = time.perf_counter() - start
-    graph = run_pipeline(graph, pipeline)
+    result = run_pipeline(graph, pipeline)
+    graph = result.graph
     graph.verify()
     optimized = jax.jit(graphopt.lower(graph))
     original = jax.jit(model.apply)

@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from graphopt import _jax_compat as compat
 from graphopt.errors import GraphError
@@ -205,6 +205,7 @@ class Graph:
         self._first: Node | None = None
         self._last: Node | None = None
         self._len = 0
+        self._insert_before: Node | None = None  # default insertion point; see inserting_before
 
     # --- building ------------------------------------------------------------------------------
 
@@ -267,6 +268,39 @@ class Graph:
                 raise GraphError("a graph output belongs to another graph")
             value.uses.append((None, i))
 
+    def remove_input(self, arg: Argument) -> None:
+        """Remove an unused graph input; later inputs shift down by one."""
+        if arg.graph is not self or self.inputs[arg.index] is not arg:
+            raise GraphError(f"remove_input: {arg!r} is not an input of this graph")
+        if arg.uses:
+            raise GraphError(f"cannot remove input {arg.path or arg.index!r}: it still has {len(arg.uses)} use(s)")
+        del self.inputs[arg.index]
+        for i, other in enumerate(self.inputs):
+            other.index = i
+
+    def clone(self) -> tuple["Graph", dict]:
+        """A deep copy (nodes, values, regions; params shared, they are never mutated) and the map
+        from each original node and value, by id, to its copy."""
+        mapping: dict[int, Any] = {}
+        copy = self._clone_into(mapping)
+        return copy, mapping
+
+    def _clone_into(self, mapping) -> "Graph":
+        copy = Graph(self.name)
+        copy.in_tree, copy.out_tree = self.in_tree, self.out_tree
+        copy.__dict__.update({k: v for k, v in self.__dict__.items() if k not in copy.__dict__})
+        for arg in self.inputs:
+            mapping[id(arg)] = copy.add_input(arg.type, arg.role, arg.path)
+        for node in self.nodes:
+            regions = [r._clone_into(mapping) for r in node.regions]
+            new = copy.add_node(node.op, [mapping[id(v)] for v in node.inputs], node.params, regions,
+                                node.provenance, _types=[v.type for v in node.outputs], _effects=node.effects)
+            mapping[id(node)] = new
+            for old_value, new_value in zip(node.outputs, new.outputs):
+                mapping[id(old_value)] = new_value
+        copy.set_outputs([mapping[id(v)] for v in self.outputs])
+        return copy
+
     # --- rewriting -----------------------------------------------------------------------------
 
     def replace_all_uses(self, old: Value, new: Value) -> None:
@@ -307,9 +341,19 @@ class Graph:
         node.graph = None
         self._len -= 1
 
+    def inserting_before(self, node: Node | None):
+        """Context in which `add_node` (without `before`/`after`) inserts before `node`.
+
+        >>> with graph.inserting_before(node):  # doctest: +SKIP
+        ...     graph.add_node(...)
+        """
+        return _InsertionPoint(self, node)
+
     def _link(self, node: Node, before: Node | None, after: Node | None) -> None:
         if before is not None and after is not None:
             raise GraphError("add_node: give `before` or `after`, not both")
+        if before is None and after is None:
+            before = self._insert_before
         anchor = before or after
         if anchor is not None and anchor.graph is not self:
             raise GraphError("add_node: the anchor node belongs to another graph", anchor)
@@ -375,6 +419,19 @@ class Graph:
         from graphopt.verify import verify_graph
 
         verify_graph(self)
+
+
+class _InsertionPoint:
+    def __init__(self, graph: Graph, node: Node | None):
+        self.graph, self.node = graph, node
+
+    def __enter__(self):
+        self.saved = self.graph._insert_before
+        self.graph._insert_before = self.node
+        return self.graph
+
+    def __exit__(self, *exc):
+        self.graph._insert_before = self.saved
 
 
 def _check_same_type(old: Value, new: Value, node) -> None:

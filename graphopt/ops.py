@@ -83,6 +83,23 @@ def primitive_op(primitive, *, opaque: bool = False) -> PrimitiveOp:
     return op
 
 
+def primitive_named(name: str) -> PrimitiveOp:
+    """The PrimitiveOp for a JAX primitive name ('mul', 'dot_general', ...)."""
+    if not _PRIMITIVES_BY_NAME:
+        import jax.lax
+
+        for attr, value in vars(jax.lax).items():
+            if attr.endswith("_p") and isinstance(value, compat.Primitive):
+                _PRIMITIVES_BY_NAME.setdefault(value.name, value)
+    primitive = _PRIMITIVES_BY_NAME.get(name)
+    if primitive is None:
+        raise KeyError(f"no JAX primitive named {name!r}")
+    return primitive_op(primitive)
+
+
+_PRIMITIVES_BY_NAME: dict[str, compat.Primitive] = {}
+
+
 class OpDef(Op):
     """An op defined by graphopt.
 

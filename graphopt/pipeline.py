@@ -1,46 +1,276 @@
-"""Pipelines: named sequences of passes run over a graph.
+"""The pass manager: registered passes with numerics contracts, named pipelines, per-pass reports.
 
-A pass is a function `Graph -> Graph`. Today every named pipeline is empty (the identity): the
-foundation round-trips graphs exactly; passes register themselves here as they are added.
+A pass is a function `fn(graph, ctx, **options) -> Graph` registered with `@register_pass`. It may
+rewrite the graph in place and return it. `ctx` (a `PassContext`) collects how often each rewrite
+rule fired. Every pass declares a numerics contract:
+
+- `exact`: the result equals the original up to float rounding of reordered arithmetic (NaN, ±Inf
+  and −0 results unchanged);
+- `approximate(bound)`: the pass changes results (quantization, pruning); translation validation
+  measures the relative error and checks it against `bound`.
+
+Pipelines are named lists of passes ("inference", "training"; "default" is "inference"). A pipeline
+spec is a name, or a list whose entries are pass names, `"name(arg, key=value)"` strings, `PassSpec`s
+or pass functions. `disable=[...]` drops passes by name.
 
 Example:
     >>> import graphopt, jax.numpy as jnp
-    >>> g = graphopt.trace(jnp.sin, jnp.ones(2))
-    >>> run_pipeline(g, "default") is g
-    True
+    >>> parse_spec("quantize(int8, weight_only, group=128)")
+    PassSpec(name='quantize', args=('int8', 'weight_only'), options={'group': 128})
+    >>> g = graphopt.trace(lambda x: -(-x) * 1.0, jnp.ones(3))
+    >>> result = run_pipeline(g, ["canonicalize", "dce"])
+    >>> [n.op.name for n in result.graph.nodes]
+    []
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+import ast
+import dataclasses
+import re
+import time
+from collections import Counter
+from typing import Any, Callable, Sequence
 
+from graphopt.cost import graph_bytes, graph_flops
 from graphopt.errors import GraphoptError
 
-Pass = Callable[["Graph"], "Graph"]  # noqa: F821
 
-PIPELINES: dict[str, tuple[Pass, ...]] = {
+@dataclasses.dataclass(frozen=True)
+class Contract:
+    """A pass's numerics contract: exact, or approximate within `bound` (max relative error)."""
+
+    kind: str = "exact"
+    bound: float = 0.0
+
+    def __str__(self):
+        return self.kind if self.kind == "exact" else f"approximate({self.bound:g})"
+
+
+EXACT = Contract()
+
+
+def approximate(bound: float) -> Contract:
+    return Contract("approximate", float(bound))
+
+
+@dataclasses.dataclass
+class PassInfo:
+    name: str
+    fn: Callable
+    contract: Contract
+    description: str
+
+
+PASSES: dict[str, PassInfo] = {}
+
+
+def register_pass(name: str, *, contract: Contract = EXACT):
+    """Decorator registering `fn(graph, ctx, **options) -> Graph` under `name`."""
+    def decorate(fn):
+        if name in PASSES and PASSES[name].fn is not fn:
+            raise GraphoptError(f"a pass named {name!r} is already registered")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        PASSES[name] = PassInfo(name, fn, contract, doc[0] if doc else "")
+        return fn
+    return decorate
+
+
+class PassContext:
+    """What a running pass reports: rules fired, and free-form notes for the report."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.fired: Counter = Counter()
+        self.notes: list[str] = []
+
+    def count(self, fired: Counter | dict) -> None:
+        self.fired.update(fired)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSpec:
+    """A pass by name with its options."""
+
+    name: str
+    args: tuple = ()
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+_SPEC = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:\((.*)\))?\s*$")
+
+
+def parse_spec(text: str) -> PassSpec:
+    """'name' or 'name(a, b, key=value)' → PassSpec; values are Python literals or bare words."""
+    match = _SPEC.match(text)
+    if not match:
+        raise GraphoptError(f"cannot parse pass spec {text!r}; write 'name' or 'name(arg, key=value)'")
+    name, body = match.group(1), match.group(2)
+    args, options = [], {}
+    for part in _split_args(body or ""):
+        key, eq, value = part.partition("=")
+        if eq and re.fullmatch(r"\s*[A-Za-z_]\w*\s*", key):
+            options[key.strip()] = _literal(value)
+        else:
+            args.append(_literal(part))
+    return PassSpec(name, tuple(args), options)
+
+
+def _split_args(body: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in body:
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        current += char
+    if current.strip():
+        parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
+
+
+PIPELINES: dict[str, tuple[str, ...]] = {
     "none": (),
-    "default": (),
+    "inference": ("canonicalize", "fold_constants", "fold_params", "cse", "dce"),
+    "training": ("canonicalize", "fold_constants", "cse", "dce"),
 }
+PIPELINES["default"] = PIPELINES["inference"]
 
-PipelineSpec = Union[str, Sequence[Pass]]
+PipelineSpec = Any  # str | Sequence[str | PassSpec | Callable]
 
 
-def resolve(pipeline: PipelineSpec) -> tuple[Pass, ...]:
-    """A pipeline name or a sequence of pass functions → the passes to run."""
+def resolve(pipeline: PipelineSpec, disable: Sequence[str] = ()) -> list[tuple[PassInfo, PassSpec]]:
+    """A pipeline spec → the (pass, options) pairs to run. Unknown names list the known ones."""
+    _load_builtin_passes()
     if isinstance(pipeline, str):
         if pipeline not in PIPELINES:
             raise GraphoptError(f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(PIPELINES))}")
-        return PIPELINES[pipeline]
-    passes = tuple(pipeline)
-    for p in passes:
-        if not callable(p):
-            raise GraphoptError(f"pipeline entries must be passes (Graph -> Graph), got {p!r}")
-    return passes
+        entries: Sequence = PIPELINES[pipeline]
+    else:
+        entries = list(pipeline)
+    resolved = []
+    for entry in entries:
+        if callable(entry) and not isinstance(entry, PassSpec):
+            name = getattr(entry, "__name__", "custom")
+            info = PASSES.get(name) if PASSES.get(name, None) and PASSES[name].fn is entry else \
+                PassInfo(name, entry, EXACT, "user pass")
+            spec = PassSpec(name)
+        else:
+            spec = entry if isinstance(entry, PassSpec) else parse_spec(entry)
+            if spec.name not in PASSES:
+                raise GraphoptError(f"unknown pass {spec.name!r}; known passes: {', '.join(sorted(PASSES))}")
+            info = PASSES[spec.name]
+        if info.name not in disable:
+            resolved.append((info, spec))
+    unknown = set(disable) - set(PASSES)
+    if unknown:
+        raise GraphoptError(f"cannot disable unknown pass(es) {sorted(unknown)}; known: {', '.join(sorted(PASSES))}")
+    return resolved
 
 
-def run_pipeline(graph, pipeline: PipelineSpec = "default"):
-    """Run each pass of the pipeline in order and return the final graph."""
-    for p in resolve(pipeline):
-        graph = p(graph)
-    return graph
+def _load_builtin_passes() -> None:
+    import graphopt.passes  # noqa: F401  (each pass module registers itself on import)
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """One row of the pipeline report."""
+
+    name: str
+    contract: str
+    nodes: tuple[int, int]
+    flops: tuple[int, int]
+    bytes: tuple[int, int]
+    seconds: float
+    fired: Counter
+    error: float | None = None      # measured by translation validation, when it ran
+    status: str = "ok"              # "ok", or "reverted: ..." when validation rejected the pass
+    notes: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Report:
+    """Per-pass statistics of a pipeline run. `str()` renders a table."""
+
+    records: list[PassRecord]
+
+    def __rich__(self):
+        from rich.table import Table
+
+        table = Table("pass", "contract", "nodes", "FLOPs", "bytes", "ms", "error", "rules fired",
+                      title="graphopt pipeline", title_justify="left")
+        for r in self.records:
+            rules = ", ".join(f"{k}×{v}" for k, v in r.fired.most_common(4))
+            if len(r.fired) > 4:
+                rules += f", +{len(r.fired) - 4} more"
+            error = "" if r.error is None else f"{r.error:.2g}"
+            name = r.name if r.status == "ok" else f"{r.name} ({r.status})"
+            table.add_row(name, r.contract, _arrow(*r.nodes), _arrow(*r.flops), _arrow(*r.bytes),
+                          f"{r.seconds * 1e3:.1f}", error, rules)
+        return table
+
+    def __str__(self):
+        import io
+
+        from rich.console import Console
+
+        buffer = io.StringIO()
+        Console(file=buffer, width=160, color_system=None).print(self)
+        return buffer.getvalue().rstrip()
+
+
+def _arrow(before: int, after: int) -> str:
+    return f"{before:,}" if before == after else f"{before:,} → {after:,}"
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    graph: Any
+    report: Report
+
+
+def run_pipeline(graph, pipeline: PipelineSpec = "default", *, disable: Sequence[str] = (),
+                 debug: bool = False, validator=None) -> PipelineResult:
+    """Run the passes of `pipeline` over `graph` (in place) and report on each.
+
+    `debug=True` runs `graph.verify()` after every pass. `validator` (see graphopt.validate) checks
+    each pass's result against the graph before it and may revert the pass.
+    """
+    records = []
+    for info, spec in resolve(pipeline, disable):
+        ctx = PassContext(info.name)
+        before = (len_walk(graph), graph_flops(graph)[0], graph_bytes(graph))
+        snapshot = validator.snapshot(graph) if validator is not None else None
+        start = time.perf_counter()
+        graph = info.fn(graph, ctx, *spec.args, **spec.options)
+        seconds = time.perf_counter() - start
+        if graph is None:
+            raise GraphoptError(f"pass {info.name!r} returned None; a pass returns the graph")
+        if debug:
+            graph.verify()
+        record = PassRecord(info.name, str(info.contract), (before[0], len_walk(graph)),
+                            (before[1], graph_flops(graph)[0]), (before[2], graph_bytes(graph)),
+                            seconds, ctx.fired, notes=ctx.notes)
+        if validator is not None:
+            graph = validator.check(info, snapshot, graph, record)
+        records.append(record)
+    return PipelineResult(graph, Report(records))
+
+
+def len_walk(graph) -> int:
+    """Number of nodes including those inside regions."""
+    return sum(1 for _ in graph.walk())

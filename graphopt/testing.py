@@ -122,10 +122,9 @@ def _leaf_mismatch(actual: np.ndarray, expected: np.ndarray, rtol, atol, exact) 
         return None
     # Worst mismatch: the largest error among mismatches (ties: the first one).
     worst = np.unravel_index(np.argmax(np.where(bad, err, -1.0)), bad.shape)
-    if a.dtype != actual.dtype:
-        worst, part = worst[:-1], ("real", "imag")[worst[-1]]
-    else:
-        part = None
+    part = None
+    if a.shape != actual.shape:  # complex: undo the trailing [real, imag] axis
+        worst, part, bad = worst[:-1], ("real", "imag")[worst[-1]], bad.any(axis=-1)
     av, ev = actual[worst], expected[worst]
     if part:
         av, ev = getattr(av, part), getattr(ev, part)

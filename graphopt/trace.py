@@ -81,6 +81,29 @@ def _model_name(fn) -> str:
     return fn.__qualname__.rsplit("<locals>.", 1)[-1]
 
 
+def inline_function(graph: Graph, fn: Callable, inputs: list[Value], static: dict,
+                    provenance: Provenance) -> list[Value]:
+    """Trace `fn(*inputs, **static)` on the inputs' types and add its nodes to `graph` (at the
+    graph's insertion point), all with `provenance`. For rewrite rules (see graphopt.builder)."""
+    avals = [v.type.aval() for v in inputs]
+    key = None
+    if getattr(fn, "__closure__", None) is None and hasattr(fn, "__code__"):
+        try:
+            key = (fn.__code__, tuple(v.type for v in inputs), tuple(sorted(static.items())))
+            hash(key)
+        except TypeError:
+            key = None
+    jaxpr = _INLINE_CACHE.get(key) if key is not None else None
+    if jaxpr is None:
+        jaxpr = jax.make_jaxpr(lambda *xs: fn(*xs, **static))(*avals)
+        if key is not None:
+            _INLINE_CACHE[key] = jaxpr
+    return _Converter(provenance).convert(graph, jaxpr, inputs, provenance.module_path)
+
+
+_INLINE_CACHE: dict = {}
+
+
 # --- arguments -----------------------------------------------------------------------------------
 
 def _drop_static(fn, args, params_argnums, static_argnums):
@@ -172,14 +195,16 @@ def _user_location(err: Exception) -> str:
 class _Converter:
     """Walks jaxprs and builds graphs; scalar literals are shared per graph."""
 
-    def __init__(self):
+    def __init__(self, provenance: Provenance | None = None):
         self._literals: dict[tuple, Value] = {}
+        self._provenance = provenance  # given: every node gets it (inlined rewrites)
 
     def convert(self, graph: Graph, jaxpr, in_values, module_path: str) -> list[Value]:
         constvars, consts, invars, eqns, outvars = compat.jaxpr_parts(jaxpr)
         env: dict[Any, Value] = {}
         for var, const in zip(constvars, consts):
-            env[var] = graph.constant(const, compat.aval_of(var).dtype, provenance=Provenance(module_path))
+            env[var] = graph.constant(const, compat.aval_of(var).dtype,
+                                      provenance=self._provenance or Provenance(module_path))
         env.update(zip(invars, in_values))
         for eqn in eqns:
             inputs = [self._read(graph, env, atom) for atom in eqn.invars]
@@ -195,7 +220,7 @@ class _Converter:
         kind = compat.primitive_kind(primitive)
         if kind == "inline":
             return self.convert(graph, compat.inlined_jaxpr(params), inputs, path)
-        provenance = Provenance(path, compat.traceback_of(eqn.source_info))
+        provenance = self._provenance or Provenance(path, compat.traceback_of(eqn.source_info))
         types = [TensorType.of_aval(compat.aval_of(v)) for v in eqn.outvars]
         if kind in control_flow.REGION_OPS:
             op = control_flow.REGION_OPS[kind]
@@ -222,12 +247,12 @@ class _Converter:
             return env[atom]
         value, aval = compat.literal_value(atom), compat.aval_of(atom)
         if np.ndim(value) != 0:
-            return graph.constant(value, aval.dtype, aval.weak_type)
+            return graph.constant(value, aval.dtype, aval.weak_type, provenance=self._provenance)
         key = (id(graph), str(aval.dtype), aval.weak_type, np.asarray(value, aval.dtype).tobytes())
         cached = self._literals.get(key)
         if cached is None:
             cached = self._literals[key] = graph.constant(
-                np.asarray(value, aval.dtype), aval.dtype, aval.weak_type)
+                np.asarray(value, aval.dtype), aval.dtype, aval.weak_type, provenance=self._provenance)
         return cached
 
 

@@ -1,0 +1,344 @@
+"""Declarative rewrite rules: `pattern → replacement`, and a driver that applies them to a fixed point.
+
+A pattern describes a value by the node that computes it:
+
+    x, c = Var("x"), Const("c", where=is_power_of_two)
+    Rule("div-by-pow2", Op("div", x, c), lambda b, x, c: b.op("mul", x, b.const(1 / c.scalar, like=x)))
+
+- `Var(name)` matches any value and captures it; the same name used twice must bind the same value,
+  which makes DAG patterns (`sub(x, mean(x))`) exact.
+- `Op(name, *operands, ...)` matches a value produced by an op (a name or a set of names), with
+  params (`params={"axes": (1,)}` or a predicate), `dtype`, `shape`, `commutative=True` (either
+  operand order), `single_use=True` (the value has exactly one reader, so rewriting it does not
+  duplicate work), `index` for multi-output ops, and `name` to capture the matched value.
+- `Const(name, value=..., where=...)` matches a value computed by a constant node; a scalar literal
+  is matched by value exactly (NaN and the sign of zero included).
+- `Rule(name, pattern, replacement, where=...)`: `replacement(builder, **captures)` returns the new
+  value for the root, a dict `{capture name: new value}` to replace several matched values at once
+  (multi-output rewrites), or None to decline. A replacement must keep each replaced value's type.
+
+`rewrite(graph, rules)` applies the rules until none fires (a worklist over the graph and its
+regions), erases what became dead, and returns how often each rule fired. `explain(rule, node)` says
+why a rule does not match a node.
+
+Example:
+    >>> import graphopt, jax.numpy as jnp
+    >>> g = graphopt.trace(lambda x: -(-x), jnp.ones(3))
+    >>> x = Var("x")
+    >>> double_neg = Rule("neg-neg", Op("neg", Op("neg", x)), lambda b, x: x)
+    >>> dict(rewrite(g, [double_neg]))
+    {'neg-neg': 1}
+    >>> [n.op.name for n in g.nodes]
+    []
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from graphopt.builder import Builder
+from graphopt.errors import GraphError
+from graphopt.ir import Graph, Node, Value
+
+Predicate = Callable[[Any], bool]
+
+
+class Pattern:
+    """Base class of patterns. `match(value, captures, why)` returns True and fills `captures`."""
+
+    def match(self, value: Value, captures: dict, why: list | None) -> bool:
+        raise NotImplementedError(type(self).__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Var(Pattern):
+    """Any value (optionally with a dtype or shape condition); captured under `name`."""
+
+    name: str | None = None
+    dtype: Any = None
+    shape: Any = None
+
+    def match(self, value, captures, why):
+        if not _type_ok(self, value, why):
+            return False
+        return _bind(self.name, value, captures, why)
+
+
+@dataclasses.dataclass(frozen=True)
+class Const(Pattern):
+    """A value computed by a constant node. `value`: a scalar it must equal exactly; `where`: a
+    predicate on the numpy value."""
+
+    name: str | None = None
+    value: Any = None
+    where: Predicate | None = None
+    dtype: Any = None
+    shape: Any = None
+
+    def match(self, value, captures, why):
+        node = value.node
+        if node is None or node.op.name != "constant":
+            return _fail(why, f"expected a constant, got {_describe(value)}")
+        if not _type_ok(self, value, why):
+            return False
+        array = np.asarray(node.params["value"])
+        if self.value is not None and not _same_scalar(array, self.value):
+            return _fail(why, f"constant {array!r} is not {self.value!r}")
+        if self.where is not None and not self.where(array):
+            return _fail(why, f"constant {array!r} fails its condition")
+        return _bind(self.name, value, captures, why)
+
+
+@dataclasses.dataclass(frozen=True)
+class Op(Pattern):
+    """A value produced by op `op` (name or set of names) from `operands` (patterns)."""
+
+    op: str | frozenset
+    operands: tuple = ()
+    params: Any = None        # dict of exact param values, or a predicate on the params dict
+    dtype: Any = None
+    shape: Any = None
+    commutative: bool = False
+    single_use: bool = False
+    index: int = 0
+    name: str | None = None
+
+    def __init__(self, op, *operands, params=None, dtype=None, shape=None, commutative=False,
+                 single_use=False, index=0, name=None):
+        ops = frozenset([op]) if isinstance(op, str) else frozenset(op)
+        for key, val in (("op", ops), ("operands", tuple(operands)), ("params", params), ("dtype", dtype),
+                         ("shape", shape), ("commutative", commutative), ("single_use", single_use),
+                         ("index", index), ("name", name)):
+            object.__setattr__(self, key, val)
+
+    def match(self, value, captures, why):
+        node = value.node
+        if node is None:
+            return _fail(why, f"expected {_ops_text(self.op)}, got a graph input")
+        if node.op.name not in self.op:
+            return _fail(why, f"expected {_ops_text(self.op)}, got {node.op.name}")
+        if value.index != self.index:
+            return _fail(why, f"expected output {self.index} of {node.op.name}, got output {value.index}")
+        if self.single_use and len(value.uses) != 1:
+            return _fail(why, f"{node.op.name} result has {len(value.uses)} uses; the rule needs one")
+        if not _type_ok(self, value, why) or not self._params_ok(node, why):
+            return False
+        if self.operands and len(self.operands) != len(node.inputs):
+            return _fail(why, f"{node.op.name} has {len(node.inputs)} operands, pattern {len(self.operands)}")
+        orders = [node.inputs]
+        if self.commutative and len(node.inputs) == 2:
+            orders.append(node.inputs[::-1])
+        for inputs in orders:
+            trial = dict(captures)
+            sub_why = [] if why is not None else None
+            if all(p.match(v, trial, sub_why) for p, v in zip(self.operands, inputs)):
+                if _bind(self.name, value, trial, why):
+                    captures.clear()
+                    captures.update(trial)
+                    return True
+            elif why is not None and sub_why:
+                why.append(f"{node.op.name} operand: {sub_why[-1]}")
+        return False
+
+    def _params_ok(self, node, why) -> bool:
+        if self.params is None:
+            return True
+        if callable(self.params):
+            return self.params(node.params) or _fail(why, f"{node.op.name} params fail the condition")
+        for key, want in self.params.items():
+            if node.params.get(key) != want:
+                return _fail(why, f"{node.op.name} param {key}={node.params.get(key)!r}, want {want!r}")
+        return True
+
+
+@dataclasses.dataclass
+class Rule:
+    """A named rewrite. `where(captures)` is an extra condition over all captures."""
+
+    name: str
+    pattern: Op
+    replacement: Callable[..., Any]
+    where: Callable[[dict], bool] | None = None
+    contract: str = "exact"
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, Op):
+            raise TypeError(f"rule {self.name!r}: the root of a pattern must be an Op")
+        RULES.setdefault(self.name, self)
+
+    def match(self, node: Node, why: list | None = None) -> dict | None:
+        for value in node.outputs:
+            captures: dict = {}
+            if self.pattern.match(value, captures, why):
+                if self.where is None or self.where(captures):
+                    captures.setdefault("_root", value)
+                    return captures
+                _fail(why, "the rule's `where` condition is false")
+        return None
+
+
+# Every rule ever defined, by name: for the coverage test (each rule must fire in some test).
+RULES: dict[str, Rule] = {}
+
+
+def explain(rule: Rule, node: Node) -> str:
+    """Why `rule` does or does not match `node`, in one line."""
+    why: list[str] = []
+    if rule.match(node, why) is not None:
+        return f"rule {rule.name!r} matches {node.op.name}"
+    reason = why[-1] if why else "no reason recorded"
+    return f"rule {rule.name!r} does not match {node.op.name} ({node.provenance.describe()}): {reason}"
+
+
+class RewriteLimitError(GraphError):
+    """The rules kept firing past the limit: two of them probably undo each other."""
+
+
+def rewrite(graph: Graph, rules: Sequence[Rule], *, made_by: str | None = None,
+            max_rewrites: int | None = None) -> Counter:
+    """Apply `rules` to `graph` and its regions until none fires. Returns fire counts per rule."""
+    by_op: dict[str, list[Rule]] = {}
+    for rule in rules:
+        for op in rule.pattern.op:
+            by_op.setdefault(op, []).append(rule)
+    fired: Counter = Counter()
+    _rewrite_graph(graph, by_op, fired, made_by, max_rewrites)
+    return fired
+
+
+def _rewrite_graph(graph, by_op, fired, made_by, max_rewrites):
+    limit = max_rewrites if max_rewrites is not None else 10 * len(graph) + 1000
+    worklist = list(graph.nodes)
+    worklist.reverse()  # pop() from the end: visit in program order
+    queued = {id(n) for n in worklist}
+    count = 0
+    while worklist:
+        node = worklist.pop()
+        queued.discard(id(node))
+        if node.graph is not graph:
+            continue  # erased meanwhile
+        for region in node.regions:
+            _rewrite_graph(region, by_op, fired, made_by, max_rewrites)
+        for rule in by_op.get(node.op.name, ()):
+            captures = rule.match(node)
+            if captures is None:
+                continue
+            new_nodes = _apply(graph, rule, node, captures, made_by)
+            if new_nodes is None:
+                continue
+            fired[rule.name] += 1
+            count += 1
+            if count > limit:
+                raise RewriteLimitError(
+                    f"rewrite stopped after {count} rewrites (limit {limit}); the rules fired most: "
+                    f"{', '.join(f'{k}×{v}' for k, v in fired.most_common(3))}. Two rules probably undo "
+                    "each other", node)
+            for fresh in new_nodes:
+                if id(fresh) not in queued and fresh.graph is graph:
+                    worklist.append(fresh)
+                    queued.add(id(fresh))
+            break
+
+
+def _apply(graph: Graph, rule: Rule, root: Node, captures: dict, made_by) -> list[Node] | None:
+    builder = Builder(graph, before=root, made_by=made_by or rule.name, origin=root.provenance)
+    args = {k: v for k, v in captures.items() if not k.startswith("_")}
+    result = rule.replacement(builder, **args)
+    if result is None:
+        builder.discard()
+        return None
+    created = builder.created
+    replacements = result if isinstance(result, dict) else {"_root": result}
+    pairs = []
+    for name, new in replacements.items():
+        old = captures.get(name)
+        if old is None:
+            raise GraphError(f"rule {rule.name!r} replaces {name!r}, which its pattern does not capture")
+        if not isinstance(new, Value):
+            raise GraphError(f"rule {rule.name!r} returned {type(new).__name__} for {name!r}, not a Value")
+        if new.type != old.type:
+            builder.discard()
+            raise GraphError(f"rule {rule.name!r} changes the type of {name!r} from {old.type} to "
+                             f"{new.type}; a rewrite must preserve types", root)
+        pairs.append((old, new))
+    touched = []
+    for old, new in pairs:
+        touched.extend(old.users())
+        graph.replace_all_uses(old, new)
+    dead = _erase_dead([old.node for old, _ in pairs if old.node is not None])
+    return [n for n in created + touched if n not in dead and n.graph is graph]
+
+
+def _erase_dead(candidates: Iterable[Node]) -> set:
+    """Erase nodes that no longer have readers or effects, and their operands that became dead."""
+    erased = set()
+    stack = list(candidates)
+    while stack:
+        node = stack.pop()
+        if node.graph is None or node.effects or any(v.uses for v in node.outputs):
+            continue
+        producers = [v.node for v in node.inputs if v.node is not None]
+        node.graph.erase(node)
+        erased.add(node)
+        stack.extend(producers)
+    return erased
+
+
+def constant_value(value: Value) -> np.ndarray | None:
+    """The numpy value of a value computed by a constant node, else None."""
+    node = value.node
+    if node is None or node.op.name != "constant":
+        return None
+    return np.asarray(node.params["value"])
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _bind(name, value, captures, why) -> bool:
+    if name is None:
+        return True
+    bound = captures.get(name)
+    if bound is None:
+        captures[name] = value
+        return True
+    return bound is value or _fail(why, f"{name!r} would bind two different values")
+
+
+def _type_ok(pattern, value, why) -> bool:
+    t = value.type
+    if pattern.dtype is not None:
+        ok = pattern.dtype(t.dtype) if callable(pattern.dtype) else t.dtype == np.dtype(pattern.dtype)
+        if not ok:
+            return _fail(why, f"dtype {t.dtype} does not satisfy the pattern")
+    if pattern.shape is not None:
+        ok = pattern.shape(t.shape) if callable(pattern.shape) else t.shape == tuple(pattern.shape)
+        if not ok:
+            return _fail(why, f"shape {t.shape} does not satisfy the pattern")
+    return True
+
+
+def _same_scalar(array: np.ndarray, want) -> bool:
+    if array.ndim != 0:
+        return False
+    a, b = array.astype(np.float64) if array.dtype.kind in "fc" else array, np.asarray(want)
+    if np.isnan(a) if a.dtype.kind == "f" else False:
+        return bool(np.isnan(b)) if b.dtype.kind == "f" else False
+    return bool(a == b) and bool(np.signbit(a) == np.signbit(b)) if a.dtype.kind == "f" else bool(a == b)
+
+
+def _fail(why, reason: str) -> bool:
+    if why is not None:
+        why.append(reason)
+    return False
+
+
+def _describe(value: Value) -> str:
+    return "a graph input" if value.node is None else value.node.op.name
+
+
+def _ops_text(ops) -> str:
+    return " or ".join(sorted(ops))
