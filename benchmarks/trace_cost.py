@@ -22,19 +22,26 @@ For each depth, two paths from a Python model to an XLA executable are timed:
   `graphopt._jax_compat.make_jaxpr_with_shape` with a timer), pipeline, lower to StableHLO (split
   into the replay of the graph under `jit(...).trace` and `Traced.lower`), and XLA compile.
 
+Every stage is timed twice: wall-clock time (`time.perf_counter`), what a user waits for, and the
+process's CPU time (`time.process_time`, all threads), which other processes competing for the
+cores disturb much less, so it is the steadier measure on a shared machine.
+
 graphopt's overhead is the graphopt total minus the baseline total, computed per repetition (the
 two runs of a repetition are back to back) and reported as the median and min–max over repetitions,
-and as a fraction of the median baseline total. Both paths hand XLA the same computation, so their
-compile times differ only by noise; the "pre-XLA" overhead (both totals without the XLA compile)
-isolates graphopt's own work from that noise. Overhead per layer and a least-squares line through
-(layers, overhead) show whether the overhead grows linearly with depth.
+as a fraction of the median baseline total, and per layer; a least-squares line through
+(layers, overhead) shows whether it grows linearly with depth. The subtraction carries the noise
+of the XLA compile (most of the total), so the stages that exist only on graphopt's path
+(conversion, pipeline, replay: "graphopt-only stages") are also reported as a direct, low-noise
+estimate of graphopt's own work. (graphopt's make_jaxpr, StableHLO lowering and XLA compile do
+the same work as the baseline's trace, lower and compile.)
 
 Nothing is served from a cache: before every timed run `jax.clear_caches()` empties JAX's tracing,
 lowering and compilation caches, every run builds fresh `jax.jit` objects, and the persistent
 compilation cache is disabled. A throwaway warm-up (1-layer model, both paths) first pays one-time
 costs (imports, backend start-up). Repetitions interleave the two paths and alternate which runs
 first; depths are cycled inside each repetition so slow drifts of the machine spread over all
-sizes. `gc.collect()` runs before each timed run; the garbage collector stays on while timing.
+sizes. `gc.collect()` runs before each timed run; the garbage collector stays on while timing, as
+it is for users.
 
 After the last repetition of each depth, the two compiled programs are compared by their count of
 HLO instructions per opcode (instruction names and source metadata differ; the computation should
@@ -64,11 +71,36 @@ from graphopt import _jax_compat
 from graphopt.demo import DemoConfig, demo_model
 from graphopt.pipeline import run_pipeline
 
-BASELINE_PHASES = ("trace", "lower", "compile")
-GRAPHOPT_PHASES = ("make_jaxpr", "convert", "pipeline", "replay", "stablehlo", "compile")
+CLOCKS = ("wall", "cpu")
+BASELINE_STAGES = ("trace", "lower", "compile")
+GRAPHOPT_STAGES = ("make_jaxpr", "convert", "pipeline", "replay", "stablehlo", "compile")
+GRAPHOPT_ONLY = ("convert", "pipeline", "replay")  # stages with no counterpart in the baseline
 
 
 # --- timing one run ------------------------------------------------------------------------------
+
+def _now() -> dict[str, float]:
+    return {"wall": time.perf_counter(), "cpu": time.process_time()}
+
+
+class Stopwatch:
+    """Records named stages, each in wall-clock and CPU seconds: `times[clock][stage]`."""
+
+    def __init__(self):
+        self.times: dict[str, dict[str, float]] = {clock: {} for clock in CLOCKS}
+        self._start = self._last = _now()
+
+    def lap(self, stage: str) -> None:
+        """Record the time since the previous lap (or the start) as `stage`."""
+        now = _now()
+        for clock in CLOCKS:
+            self.times[clock][stage] = now[clock] - self._last[clock]
+        self._last = now
+
+    def total(self) -> None:
+        for clock in CLOCKS:
+            self.times[clock]["total"] = self._last[clock] - self._start[clock]
+
 
 @contextmanager
 def _timing_make_jaxpr(record: dict):
@@ -76,11 +108,13 @@ def _timing_make_jaxpr(record: dict):
     original = _jax_compat.make_jaxpr_with_shape
 
     def timed(*args, **kwargs):
-        start = time.perf_counter()
+        start = _now()
         try:
             return original(*args, **kwargs)
         finally:
-            record["make_jaxpr"] = time.perf_counter() - start
+            end = _now()
+            for clock in CLOCKS:
+                record[clock] = end[clock] - start[clock]
 
     _jax_compat.make_jaxpr_with_shape = timed
     try:
@@ -97,41 +131,52 @@ def _fresh_start() -> None:
 def run_baseline(model, variables, tokens):
     """`jax.jit(model.apply).lower(...).compile()`, timed by stage. Returns (times, compiled)."""
     _fresh_start()
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     traced = jax.jit(model.apply).trace(variables, tokens)
-    t1 = time.perf_counter()
+    watch.lap("trace")
     lowered = traced.lower()
-    t2 = time.perf_counter()
+    watch.lap("lower")
     compiled = lowered.compile()
-    t3 = time.perf_counter()
-    times = {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2}
-    times["total"] = t3 - t0
-    return times, compiled
+    watch.lap("compile")
+    watch.total()
+    return watch.times, compiled
 
 
 def run_graphopt(model, variables, tokens, pipeline: str):
-    """trace + pipeline + `jax.jit(lower(graph)).lower(...).compile()`. Returns (times, compiled, nodes)."""
+    """trace + pipeline + `jax.jit(lower(graph)).lower(...).compile()`, timed by stage.
+
+    Returns (times, compiled, (nodes traced, nodes after the pipeline)).
+    """
     _fresh_start()
-    times: dict[str, float] = {}
-    with _timing_make_jaxpr(times):
-        t0 = time.perf_counter()
+    make_jaxpr: dict[str, float] = {}
+    watch = Stopwatch()
+    with _timing_make_jaxpr(make_jaxpr):
         graph = graphopt.trace(model.apply, variables, tokens)
-        t1 = time.perf_counter()
-    graph = run_pipeline(graph, pipeline)
-    t2 = time.perf_counter()
+    watch.lap("trace")
+    traced_nodes = _count_nodes(graph)  # untimed: counting is not part of either path
+    watch.lap("untimed")
+    result = run_pipeline(graph, pipeline)
+    graph = getattr(result, "graph", result)  # a PipelineResult, or (older API) the graph
+    watch.lap("pipeline")
     traced = jax.jit(graphopt.lower(graph)).trace(variables, tokens)
-    t3 = time.perf_counter()
+    watch.lap("replay")
     lowered = traced.lower()
-    t4 = time.perf_counter()
+    watch.lap("stablehlo")
     compiled = lowered.compile()
-    t5 = time.perf_counter()
-    times.update(convert=(t1 - t0) - times["make_jaxpr"], pipeline=t2 - t1, replay=t3 - t2,
-                 stablehlo=t4 - t3, compile=t5 - t4)
-    times["trace"] = t1 - t0             # make_jaxpr + convert
-    times["lower"] = t4 - t2             # replay + stablehlo: jit(lower(graph)).lower(...)
-    times["total"] = t5 - t0
-    nodes = sum(1 for _ in graph.walk())
-    return times, compiled, nodes
+    watch.lap("compile")
+    watch.total()
+    for clock, times in watch.times.items():
+        times["total"] -= times.pop("untimed")
+        # If graphopt stops calling the hooked function, the whole trace counts as conversion.
+        times["make_jaxpr"] = make_jaxpr.get(clock, 0.0)
+        times["convert"] = times["trace"] - times["make_jaxpr"]
+        times["lower"] = times["replay"] + times["stablehlo"]   # = jit(lower(graph)).lower(...)
+        times["graphopt_only"] = sum(times[stage] for stage in GRAPHOPT_ONLY)
+    return watch.times, compiled, (traced_nodes, _count_nodes(graph))
+
+
+def _count_nodes(graph) -> int:
+    return sum(1 for _ in graph.walk())  # regions' nodes included
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = .*? ([a-z][\w-]*)\(", re.MULTILINE)
@@ -152,10 +197,15 @@ def config_for(layers: int, args) -> DemoConfig:
 def warm_up(args) -> None:
     model, variables, tokens = demo_model(config_for(1, args))
     run_baseline(model, variables, tokens)
-    run_graphopt(model, variables, tokens, args.pipeline)
+    try:
+        run_graphopt(model, variables, tokens, args.pipeline)
+    except graphopt.GraphoptError as err:
+        sys.exit(f"trace_cost: graphopt failed on a 1-layer model with pipeline {args.pipeline!r}: "
+                 f"{err}\n(--pipeline none measures tracing and lowering alone)")
 
 
 def benchmark(args, progress=print) -> dict:
+    """Run all repetitions for all depths; returns the figures (see `summarize`)."""
     jax.config.update("jax_enable_compilation_cache", False)
     load_at_start = _load_average()
     warm_up(args)
@@ -174,9 +224,10 @@ def benchmark(args, progress=print) -> dict:
                     times, compiled[path], runs[layers]["nodes"] = run_graphopt(
                         model, variables, tokens, args.pipeline)
                 runs[layers][path].append(times)
+            base, opt = runs[layers]["baseline"][-1], runs[layers]["graphopt"][-1]
             progress(f"rep {rep + 1}/{args.repeats}, {layers:3d} layers: baseline "
-                     f"{runs[layers]['baseline'][-1]['total']:.2f} s, graphopt "
-                     f"{runs[layers]['graphopt'][-1]['total']:.2f} s")
+                     f"{base['wall']['total']:.2f} s ({base['cpu']['total']:.2f} s CPU), graphopt "
+                     f"{opt['wall']['total']:.2f} s ({opt['cpu']['total']:.2f} s CPU)")
             if rep == args.repeats - 1:
                 runs[layers]["same_program"] = (opcode_counts(compiled["baseline"])
                                                 == opcode_counts(compiled["graphopt"]))
@@ -193,42 +244,54 @@ def _stats(values) -> dict:
 
 
 def summarize(layers: int, run: dict) -> dict:
-    base, opt = run["baseline"], run["graphopt"]
-    overhead = [o["total"] - b["total"] for b, o in zip(base, opt)]
-    pre_xla = [(o["total"] - o["compile"]) - (b["total"] - b["compile"]) for b, o in zip(base, opt)]
-    base_total = statistics.median(b["total"] for b in base)
-    return {
-        "layers": layers,
-        "nodes": run["nodes"],
-        "same_program": run["same_program"],
-        "baseline": {k: _stats([b[k] for b in base]) for k in (*BASELINE_PHASES, "total")},
-        "graphopt": {k: _stats([o[k] for o in opt])
-                     for k in (*GRAPHOPT_PHASES, "trace", "lower", "total")},
-        "overhead_s": _stats(overhead),
-        "overhead_ratio": statistics.median(overhead) / base_total,
-        "overhead_per_layer_ms": 1e3 * statistics.median(overhead) / layers,
-        "pre_xla_overhead_s": _stats(pre_xla),
-        "pre_xla_overhead_ratio": statistics.median(pre_xla) / base_total,
-    }
-
-
-def linear_fit(layers, sizes) -> dict | None:
-    """Least-squares overhead ≈ intercept + slope·layers (median overheads), with R²."""
-    if len(layers) < 2:
-        return None
-    out = {}
-    for key in ("overhead_s", "pre_xla_overhead_s"):
-        x = np.asarray(layers, float)
-        y = np.asarray([s[key]["median"] for s in sizes])
-        slope, intercept = np.polyfit(x, y, 1)
-        residual = y - (intercept + slope * x)
-        total = np.sum((y - y.mean()) ** 2)
-        r2 = float(1 - np.sum(residual ** 2) / total) if total > 0 else 1.0
-        out[key] = {"slope_ms_per_layer": 1e3 * float(slope), "intercept_s": float(intercept), "r2": r2}
+    """Per clock: stage statistics of both paths, the overhead and the graphopt-only stages."""
+    traced, optimized = run["nodes"]
+    out = {"layers": layers, "nodes": {"traced": traced, "after_pipeline": optimized},
+           "same_program": run["same_program"]}
+    for clock in CLOCKS:
+        base = [r[clock] for r in run["baseline"]]
+        opt = [r[clock] for r in run["graphopt"]]
+        overhead = [o["total"] - b["total"] for b, o in zip(base, opt)]
+        pre_xla = [(o["total"] - o["compile"]) - (b["total"] - b["compile"]) for b, o in zip(base, opt)]
+        base_total = statistics.median(b["total"] for b in base)
+        only = statistics.median(o["graphopt_only"] for o in opt)
+        out[clock] = {
+            "baseline": {k: _stats([b[k] for b in base]) for k in (*BASELINE_STAGES, "total")},
+            "graphopt": {k: _stats([o[k] for o in opt])
+                         for k in (*GRAPHOPT_STAGES, "trace", "lower", "graphopt_only", "total")},
+            "overhead_s": _stats(overhead),
+            "overhead_ratio": statistics.median(overhead) / base_total,
+            "overhead_per_layer_ms": 1e3 * statistics.median(overhead) / layers,
+            "pre_xla_overhead_s": _stats(pre_xla),
+            "graphopt_only_ratio": only / base_total,
+            "graphopt_only_per_layer_ms": 1e3 * only / layers,
+        }
     return out
 
 
+def linear_fit(layers, sizes) -> dict | None:
+    """Least-squares fit `median ≈ intercept + slope·layers` of overhead and graphopt-only stages."""
+    if len(set(layers)) < 2:
+        return None
+    x = np.asarray(layers, float)
+    fits = {}
+    for clock in CLOCKS:
+        series = {"overhead_s": [s[clock]["overhead_s"]["median"] for s in sizes],
+                  "graphopt_only_s": [s[clock]["graphopt"]["graphopt_only"]["median"] for s in sizes]}
+        for name, values in series.items():
+            y = np.asarray(values)
+            slope, intercept = np.polyfit(x, y, 1)
+            spread = np.sum((y - y.mean()) ** 2)
+            r2 = 1 - np.sum((y - intercept - slope * x) ** 2) / spread if spread > 0 else 1.0
+            fits[f"{clock}_{name}"] = {"slope_ms_per_layer": 1e3 * float(slope),
+                                       "intercept_s": float(intercept), "r2": float(r2)}
+    return fits
+
+
 def machine_info() -> dict:
+    import flax
+    import jaxlib
+
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -239,14 +302,11 @@ def machine_info() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    import flax
-    import jaxlib
-
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cpus": usable,
             "platform": platform.platform(), "python": platform.python_version(),
             "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-            "graphopt": graphopt.__version__,
-            "backend": jax.default_backend(), "load_average": _load_average(),
+            "graphopt": graphopt.__version__, "backend": jax.default_backend(),
+            "load_average": _load_average(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -271,44 +331,63 @@ def _s(stats: dict) -> str:
 
 
 def _signed(stats: dict) -> str:
-    return f"{stats['median']:+.2f} ({stats['min']:+.2f}–{stats['max']:+.2f})"
-
-
-def _same(flag) -> str:
-    return {True: "yes", False: "NO", None: "?"}[flag]
+    return f"{stats['median']:+.2f} ({stats['min']:+.2f} to {stats['max']:+.2f})"
 
 
 SUMMARY_HEADER = ("layers", "graph nodes", "baseline total s", "graphopt total s", "overhead s",
-                  "overhead % of baseline", "overhead / layer ms", "pre-XLA overhead s",
-                  "pre-XLA overhead %", "same XLA program")
-PHASE_HEADER = ("layers", "baseline trace", "baseline lower", "baseline compile",
+                  "overhead % of baseline", "overhead / layer ms", "graphopt-only stages s",
+                  "graphopt-only % of baseline", "graphopt-only / layer ms")
+STAGE_HEADER = ("layers", "baseline trace", "baseline lower", "baseline compile",
                 "graphopt make_jaxpr", "graphopt convert", "graphopt pipeline", "graphopt replay",
                 "graphopt StableHLO", "graphopt compile")
 
 
-def summary_rows(result: dict) -> list[tuple[str, ...]]:
-    return [(str(s["layers"]), str(s["nodes"]), _s(s["baseline"]["total"]), _s(s["graphopt"]["total"]),
-             _signed(s["overhead_s"]), f"{100 * s['overhead_ratio']:+.1f}%",
-             f"{s['overhead_per_layer_ms']:+.1f}", _signed(s["pre_xla_overhead_s"]),
-             f"{100 * s['pre_xla_overhead_ratio']:+.1f}%", _same(s["same_program"]))
-            for s in result["sizes"]]
+def summary_rows(result: dict, clock: str) -> list[tuple[str, ...]]:
+    rows = []
+    for size in result["sizes"]:
+        s = size[clock]
+        traced, optimized = size["nodes"]["traced"], size["nodes"]["after_pipeline"]
+        nodes = f"{traced}" if traced == optimized else f"{traced} ({optimized})"
+        rows.append((str(size["layers"]), nodes, _s(s["baseline"]["total"]),
+                     _s(s["graphopt"]["total"]), _signed(s["overhead_s"]),
+                     f"{100 * s['overhead_ratio']:+.1f}%", f"{s['overhead_per_layer_ms']:+.1f}",
+                     _s(s["graphopt"]["graphopt_only"]), f"{100 * s['graphopt_only_ratio']:.1f}%",
+                     f"{s['graphopt_only_per_layer_ms']:.1f}"))
+    return rows
 
 
-def phase_rows(result: dict) -> list[tuple[str, ...]]:
-    return [(str(s["layers"]), *(f"{s['baseline'][k]['median']:.3f}" for k in BASELINE_PHASES),
-             *(f"{s['graphopt'][k]['median']:.3f}" for k in GRAPHOPT_PHASES)) for s in result["sizes"]]
+def stage_rows(result: dict, clock: str) -> list[tuple[str, ...]]:
+    return [(str(size["layers"]),
+             *(f"{size[clock]['baseline'][k]['median']:.3f}" for k in BASELINE_STAGES),
+             *(f"{size[clock]['graphopt'][k]['median']:.3f}" for k in GRAPHOPT_STAGES))
+            for size in result["sizes"]]
 
 
 def fit_line(result: dict) -> str:
-    fit = result["linear_fit"]
-    if not fit:
-        return "linear fit: needs two or more sizes"
+    fits = result["linear_fit"]
+    if not fits:
+        return "linear fit: needs two or more depths"
     parts = []
-    for key, label in (("overhead_s", "overhead"), ("pre_xla_overhead_s", "pre-XLA overhead")):
-        f = fit[key]
+    for key, label in (("wall_overhead_s", "wall overhead"), ("cpu_overhead_s", "CPU overhead"),
+                       ("wall_graphopt_only_s", "wall graphopt-only stages"),
+                       ("cpu_graphopt_only_s", "CPU graphopt-only stages")):
+        f = fits[key]
         parts.append(f"{label} ≈ {f['intercept_s']:+.2f} s + {f['slope_ms_per_layer']:.1f} ms × layers "
                      f"(R² {f['r2']:.3f})")
-    return "least-squares fit over sizes: " + "; ".join(parts)
+    return "Least-squares fit over depths: " + "; ".join(parts)
+
+
+def same_program_line(result: dict) -> str:
+    flags = {size["layers"]: size["same_program"] for size in result["sizes"]}
+    if all(flags.values()):
+        return "Both paths compiled the same XLA program (HLO instruction counts per opcode) at every depth."
+    differing = ", ".join(str(k) for k, v in flags.items() if not v)
+    return (f"The compiled XLA programs differ (HLO instruction counts per opcode) at {differing} "
+            "layers: expected if the pipeline rewrites the graph, a bug in lowering if not.")
+
+
+def _load(load) -> str:
+    return "/".join(f"{x:.1f}" for x in load) if load else "n/a"
 
 
 def machine_line(result: dict) -> str:
@@ -321,26 +400,26 @@ def machine_line(result: dict) -> str:
             f"{c['repeats']} repetitions")
 
 
-def _load(load) -> str:
-    return "/".join(f"{x:.1f}" for x in load) if load else "n/a"
+_CLOCK_NAMES = {"wall": "wall-clock", "cpu": "CPU (process time, all threads)"}
 
 
 def print_console(result: dict, console) -> None:
     from rich.table import Table
 
-    table = Table(title="graphopt trace cost: seconds, median (min–max) over repetitions")
-    for i, name in enumerate(SUMMARY_HEADER):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in summary_rows(result):
-        table.add_row(*row)
-    console.print(table)
-    phases = Table(title="time by phase: seconds, median")
-    for i, name in enumerate(PHASE_HEADER):
-        phases.add_column(name, justify="left" if i == 0 else "right")
-    for row in phase_rows(result):
-        phases.add_row(*row)
-    console.print(phases)
+    def table(title, header, rows):
+        t = Table(title=title)
+        for i, name in enumerate(header):
+            t.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            t.add_row(*row)
+        console.print(t)
+
+    for clock in CLOCKS:
+        table(f"graphopt trace cost, {_CLOCK_NAMES[clock]} seconds: median (min–max)",
+              SUMMARY_HEADER, summary_rows(result, clock))
+    table("time by stage, wall-clock seconds, median", STAGE_HEADER, stage_rows(result, "wall"))
     console.print(fit_line(result))
+    console.print(same_program_line(result))
     console.print(machine_line(result), style="dim")
 
 
@@ -353,13 +432,18 @@ def markdown(result: dict) -> str:
     return "\n".join([
         f"Machine: {machine_line(result)}.", "",
         f"Command: `{result['config']['command']}`", "",
-        "Seconds, median (min–max) over repetitions; overhead = graphopt total − baseline total, "
-        "per repetition; pre-XLA = the same without the XLA compile of either path.", "",
-        table(SUMMARY_HEADER, summary_rows(result)), "",
-        "Time by phase (seconds, median). Baseline `lower` = `Traced.lower`; graphopt trace = "
-        "make_jaxpr + convert, graphopt lower to StableHLO = replay + StableHLO.", "",
-        table(PHASE_HEADER, phase_rows(result)), "",
-        fit_line(result) + ".",
+        "Seconds, median (min–max) over repetitions. Overhead = graphopt total − baseline total, "
+        "per repetition. graphopt-only stages = convert + pipeline + replay, the stages the "
+        "baseline does not have. Graph nodes: as traced, regions included (after the pipeline, "
+        "in parentheses, where it changed them).", "",
+        "Wall-clock:", "",
+        table(SUMMARY_HEADER, summary_rows(result, "wall")), "",
+        "CPU time of the process (all threads; less disturbed by other load on the machine):", "",
+        table(SUMMARY_HEADER, summary_rows(result, "cpu")), "",
+        "Time by stage (wall-clock seconds, median). Baseline `lower` = `Traced.lower`; graphopt "
+        "trace = make_jaxpr + convert; graphopt lower to StableHLO = replay + StableHLO.", "",
+        table(STAGE_HEADER, stage_rows(result, "wall")), "",
+        fit_line(result) + ". " + same_program_line(result),
     ])
 
 
@@ -384,7 +468,7 @@ def main(argv=None) -> dict:
 
     console = Console()
     if not console.is_terminal:  # redirected: don't squeeze the tables to 80 columns
-        console = Console(width=200)
+        console = Console(width=220)
     result = benchmark(args, progress=lambda line: console.print(line, style="dim"))
     print_console(result, console)
     if args.json:

@@ -17,6 +17,8 @@ from graphopt.errors import GraphError, GraphoptError, SignatureError, TraceErro
 from graphopt.ir import Argument, Graph, Node, Provenance, Value
 from graphopt.lowering.emit import lower
 from graphopt.lowering.export import deserialize, export
+from graphopt.param_prep import prepare
+from graphopt.pipeline import register_pass, run_pipeline
 from graphopt.trace import trace
 from graphopt.types import TensorType
 
@@ -25,5 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Argument", "Graph", "GraphError", "GraphoptError", "Node", "Optimized", "Provenance",
     "SignatureError", "TensorType", "TraceError", "Value", "deserialize", "export", "lower",
-    "optimize", "trace",
+    "optimize", "prepare", "register_pass", "run_pipeline", "trace",
 ]

@@ -56,6 +56,7 @@ class Optimized:
         self.jit = jit
         self.graphs: dict[Any, Graph] = {}
         self._compiled: dict[Any, Callable] = {}
+        self._prepared: dict[Any, tuple] = {}  # signature -> (param leaves, prepared arguments)
         self.graph: Graph | None = None
         functools.update_wrapper(self, fn, updated=())
 
@@ -75,7 +76,23 @@ class Optimized:
             compiled = jax.jit(lowered) if self.jit else lowered
             self.graphs[key], self._compiled[key] = graph, compiled
         self.graph = self.graphs[key]
-        return compiled(*call_args)
+        return compiled(*self._prepare(key, self.graph, call_args))
+
+    def _prepare(self, key, graph: Graph, args: tuple) -> tuple:
+        """Arguments for the optimized graph. Parameter preprocessing (fold_params) runs once per
+        set of weights: it is redone only when the parameter arrays are not the ones seen last."""
+        if graph.prep is None:
+            return args
+        leaves = jax.tree_util.tree_leaves(args)
+        params = [leaves[i] for i in graph.prep.param_leaf_indices]
+        cached = self._prepared.get(key)
+        if cached is not None and len(cached[0]) == len(params) and all(
+                a is b for a, b in zip(cached[0], params)):
+            prepared_params = cached[1]
+        else:
+            prepared_params = graph.prep.params(*args)
+            self._prepared[key] = (params, prepared_params)  # holds the leaves: ids stay unique
+        return graph.prep.arguments(prepared_params, args)
 
 
 def _signature_key(args) -> tuple:

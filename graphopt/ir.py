@@ -202,6 +202,8 @@ class Graph:
         self.in_tree = None   # pytree structure of the traced function's arguments
         self.out_tree = None  # ... and of its result
         self.parent: Node | None = None  # the node holding this graph, for a region
+        self.param_argnums: tuple[int, ...] = ()  # top-level arguments that hold parameters
+        self.prep = None  # ParamPrep: how param inputs are computed from the user's (fold_params)
         self._first: Node | None = None
         self._last: Node | None = None
         self._len = 0
@@ -278,6 +280,14 @@ class Graph:
         for i, other in enumerate(self.inputs):
             other.index = i
 
+    def reorder_inputs(self, order: Sequence[Argument]) -> None:
+        """Set the order of the graph inputs (a permutation of them); indexes follow."""
+        if sorted(map(id, order)) != sorted(map(id, self.inputs)):
+            raise GraphError("reorder_inputs needs a permutation of the graph's inputs")
+        self.inputs = list(order)
+        for i, arg in enumerate(self.inputs):
+            arg.index = i
+
     def clone(self) -> tuple["Graph", dict]:
         """A deep copy (nodes, values, regions; params shared, they are never mutated) and the map
         from each original node and value, by id, to its copy."""
@@ -288,7 +298,7 @@ class Graph:
     def _clone_into(self, mapping) -> "Graph":
         copy = Graph(self.name)
         copy.in_tree, copy.out_tree = self.in_tree, self.out_tree
-        copy.__dict__.update({k: v for k, v in self.__dict__.items() if k not in copy.__dict__})
+        copy.param_argnums, copy.prep = self.param_argnums, self.prep  # prep is never mutated
         for arg in self.inputs:
             mapping[id(arg)] = copy.add_input(arg.type, arg.role, arg.path)
         for node in self.nodes:

@@ -219,7 +219,7 @@ class Report:
                 rules += f", +{len(r.fired) - 4} more"
             error = "" if r.error is None else f"{r.error:.2g}"
             name = r.name if r.status == "ok" else f"{r.name} ({r.status})"
-            table.add_row(name, r.contract, _arrow(*r.nodes), _arrow(*r.flops), _arrow(*r.bytes),
+            table.add_row(name, r.contract, _arrow(*r.nodes), _arrow(*r.flops, _count), _arrow(*r.bytes, _size),
                           f"{r.seconds * 1e3:.1f}", error, rules)
         return table
 
@@ -233,8 +233,24 @@ class Report:
         return buffer.getvalue().rstrip()
 
 
-def _arrow(before: int, after: int) -> str:
-    return f"{before:,}" if before == after else f"{before:,} → {after:,}"
+def _arrow(before: int, after: int, fmt=lambda n: f"{n:,}") -> str:
+    return fmt(before) if before == after else f"{fmt(before)} → {fmt(after)}"
+
+
+def _count(n: float) -> str:
+    for unit in ("", "k", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"
 
 
 @dataclasses.dataclass

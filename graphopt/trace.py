@@ -63,6 +63,7 @@ def trace(fn: Callable, *example_args, params_argnums=None, static_argnums=()) -
         raise _explain_trace_failure(model_name, err) from err
     graph = Graph(model_name)
     graph.in_tree = in_tree
+    graph.param_argnums = adapted.params_argnums
     graph.out_tree = jax.tree_util.tree_structure(out_shape)
     for (path, _), var in zip(leaves, compat.jaxpr_parts(closed_jaxpr)[2]):
         role, name = _role_and_path(adapted, path)

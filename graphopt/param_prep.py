@@ -1,0 +1,72 @@
+"""ParamPrep: how an optimized graph's parameters are computed from the user's parameters.
+
+Passes that precompute work on frozen weights (fold_params; later quantization) move that work out
+of the graph into a *prep graph* that maps the original parameter leaves to the optimized graph's
+parameter inputs. It runs once per set of weights (jitted), never per call, and never touches the
+user's arrays. After such a pass the lowered graph takes the parameters as one dict
+`{path: array}` in place of the first parameter argument:
+
+    traced:     f(variables, tokens)
+    optimized:  lower(graph)(prepared_params, tokens)     prepared_params = graph.prep(variables, tokens)[0]
+
+`prepare(graph, *args)` turns the traced function's arguments into the optimized graph's arguments.
+
+Example:
+    >>> import graphopt, jax, jax.numpy as jnp
+    >>> from graphopt.pipeline import run_pipeline
+    >>> g = graphopt.trace(lambda w, x: x @ w.T, jnp.ones((2, 3)), jnp.ones(3), params_argnums=0)
+    >>> g = run_pipeline(g, ["fold_params"]).graph
+    >>> args = prepare(g, jnp.ones((2, 3)), jnp.ones(3))
+    >>> sorted(args[0]), jax.jit(graphopt.lower(g))(*args).tolist()
+    (['w:transpose'], [3.0, 3.0])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from graphopt.errors import SignatureError
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamPrep:
+    """Original parameter leaves → the optimized graph's parameter inputs. Immutable."""
+
+    graph: Any                        # prep Graph: inputs = original param leaves, outputs = new params
+    original_in_tree: Any             # argument structure of the traced function
+    param_leaf_indices: tuple         # flat positions of the original parameter leaves
+    param_argnums: tuple              # original top-level arguments that held parameters
+    keys: tuple                       # dict keys of the new parameters, in graph-input order
+    _compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def params(self, *args) -> dict:
+        """The optimized graph's parameter dict, computed from the traced function's arguments."""
+        flat, tree = jax.tree_util.tree_flatten(args)
+        if tree != self.original_in_tree:
+            raise SignatureError(f"expected arguments structured as {self.original_in_tree}, got {tree}")
+        fn = self._compiled.get("fn")
+        if fn is None:
+            from graphopt.lowering.emit import lower
+
+            fn = self._compiled["fn"] = jax.jit(lower(self.graph).flat)
+        outs = fn(*[flat[i] for i in self.param_leaf_indices])
+        return dict(zip(self.keys, outs))
+
+    def __call__(self, *args) -> tuple:
+        """The optimized graph's arguments from the traced function's arguments."""
+        return self.arguments(self.params(*args), args)
+
+    def arguments(self, params: dict, args: tuple) -> tuple:
+        """The traced function's arguments with the parameter arguments replaced by `params`."""
+        first = self.param_argnums[0]
+        return tuple(params if i == first else a for i, a in enumerate(args)
+                     if i == first or i not in self.param_argnums)
+
+
+def prepare(graph, *args) -> tuple:
+    """Arguments for `lower(graph)` from the traced function's arguments (identity when no pass
+    moved work into a prep graph)."""
+    return args if graph.prep is None else graph.prep(*args)
