@@ -31,3 +31,22 @@ class TraceError(GraphoptError):
 
 class SignatureError(GraphoptError, TypeError):
     """A lowered graph was called with arguments that do not match the traced signature."""
+
+
+class GraphoptWarning(UserWarning):
+    """Base class of every warning graphopt issues."""
+
+
+class ValidationWarning(GraphoptWarning):
+    """Translation validation found that a pass changed the program's results; the pass was
+    reverted. The message names the pass, the first diverging node and the error."""
+
+
+class ValidationError(GraphoptError):
+    """A pass changed the program's results (raised instead of reverting, with
+    `Validator(on_mismatch="raise")` and by `bisect`). Carries `pass_name`, `node` (the first
+    diverging node, described) and `error` (the max relative error measured)."""
+
+    def __init__(self, message: str, pass_name: str, node: str | None, error: float):
+        super().__init__(message)
+        self.pass_name, self.node, self.error = pass_name, node, error

@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from typing import Any, Iterator, Sequence
 
@@ -35,6 +37,30 @@ from graphopt import _jax_compat as compat
 from graphopt.errors import GraphError
 from graphopt.ops import CONSTANT, Op, constant_params
 from graphopt.types import TensorType
+
+
+_gc_depth = 0
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector while building or rewriting a large graph.
+
+    A graph of 100k nodes is a few hundred thousand live objects; the collector's full passes
+    over them, triggered every few hundred allocations, made bulk work superlinear (5x slower at
+    25k nodes). Graphs hold no reference cycles that need collecting mid-build. Re-entrant.
+    """
+    global _gc_depth
+    was_enabled = gc.isenabled() if _gc_depth == 0 else False
+    _gc_depth += 1
+    if was_enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        _gc_depth -= 1
+        if was_enabled:
+            gc.enable()
 
 
 class Value:
@@ -270,19 +296,22 @@ class Graph:
                 raise GraphError("a graph output belongs to another graph")
             value.uses.append((None, i))
 
-    def remove_input(self, arg: Argument) -> None:
-        """Remove an unused graph input; later inputs shift down by one."""
-        if arg.graph is not self or self.inputs[arg.index] is not arg:
-            raise GraphError(f"remove_input: {arg!r} is not an input of this graph")
-        if arg.uses:
-            raise GraphError(f"cannot remove input {arg.path or arg.index!r}: it still has {len(arg.uses)} use(s)")
-        del self.inputs[arg.index]
-        for i, other in enumerate(self.inputs):
-            other.index = i
+    def remove_inputs(self, args: Sequence[Argument]) -> None:
+        """Remove unused graph inputs; the remaining inputs keep their order."""
+        doomed = {id(a) for a in args}
+        for arg in args:
+            if arg.graph is not self or self.inputs[arg.index] is not arg:
+                raise GraphError(f"remove_inputs: {arg!r} is not an input of this graph")
+            if arg.uses:
+                raise GraphError(f"cannot remove input {arg.path or arg.index!r}: it still has "
+                                 f"{len(arg.uses)} use(s)")
+        self.reorder_inputs([a for a in self.inputs if id(a) not in doomed], _subset=True)
 
-    def reorder_inputs(self, order: Sequence[Argument]) -> None:
+    def reorder_inputs(self, order: Sequence[Argument], *, _subset: bool = False) -> None:
         """Set the order of the graph inputs (a permutation of them); indexes follow."""
-        if sorted(map(id, order)) != sorted(map(id, self.inputs)):
+        ids = set(map(id, self.inputs))
+        if len(set(map(id, order))) != len(order) or not all(id(a) in ids for a in order) or (
+                not _subset and len(order) != len(self.inputs)):
             raise GraphError("reorder_inputs needs a permutation of the graph's inputs")
         self.inputs = list(order)
         for i, arg in enumerate(self.inputs):
@@ -292,7 +321,8 @@ class Graph:
         """A deep copy (nodes, values, regions; params shared, they are never mutated) and the map
         from each original node and value, by id, to its copy."""
         mapping: dict[int, Any] = {}
-        copy = self._clone_into(mapping)
+        with gc_paused():
+            copy = self._clone_into(mapping)
         return copy, mapping
 
     def _clone_into(self, mapping) -> "Graph":

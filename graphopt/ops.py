@@ -52,15 +52,61 @@ class PrimitiveOp(Op):
     def __init__(self, primitive: compat.Primitive):
         self.primitive = primitive
         self.name = primitive.name
+        self._cache: dict = {}
 
     def _eval(self, in_types, params):
-        return compat.abstract_eval(self.primitive, [t.aval() for t in in_types], params)
+        # Unrolled models repeat the same (types, params) many times and JAX's shape rules cost
+        # ~20-100 µs each, so results are memoized when the params are hashable.
+        key = params_key(params)
+        if key is not None:
+            key = (tuple(in_types), key)
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
+        result = compat.abstract_eval(self.primitive, [t.aval() for t in in_types], params)
+        if key is not None:
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = result
+        return result
 
     def infer(self, in_types, params, regions):
         return [TensorType.of_aval(a) for a in self._eval(in_types, params)[0]]
 
     def effects(self, in_types, params):
         return frozenset(self._eval(in_types, params)[1])
+
+
+def params_key(params: dict):
+    """A hashable key equal for equal params, or None when some value cannot be keyed.
+
+    Small numpy arrays are keyed by dtype, shape and bytes; containers recursively; anything
+    unhashable gives None (no caching, no merging).
+    """
+    try:
+        return tuple(sorted((k, _value_key(v)) for k, v in params.items()))
+    except _Unkeyable:
+        return None
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+def _value_key(value):
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_value_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _value_key(v)) for k, v in value.items())))
+    if isinstance(value, np.ndarray):
+        if value.size > 4096:
+            raise _Unkeyable
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    try:
+        hash(value)
+    except TypeError:
+        raise _Unkeyable from None
+    return (type(value), value)
 
 
 class OpaqueOp(PrimitiveOp):

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 from graphopt.cost import graph_bytes, graph_flops
 from graphopt.errors import GraphoptError
+from graphopt.ir import gc_paused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,26 +268,30 @@ def run_pipeline(graph, pipeline: PipelineSpec = "default", *, disable: Sequence
     each pass's result against the graph before it and may revert the pass.
     """
     records = []
+    after = None
     for info, spec in resolve(pipeline, disable):
         ctx = PassContext(info.name)
-        before = (len_walk(graph), graph_flops(graph)[0], graph_bytes(graph))
+        before = after or _stats(graph)
         snapshot = validator.snapshot(graph) if validator is not None else None
         start = time.perf_counter()
-        graph = info.fn(graph, ctx, *spec.args, **spec.options)
+        with gc_paused():
+            graph = info.fn(graph, ctx, *spec.args, **spec.options)
         seconds = time.perf_counter() - start
         if graph is None:
             raise GraphoptError(f"pass {info.name!r} returned None; a pass returns the graph")
         if debug:
             graph.verify()
-        record = PassRecord(info.name, str(info.contract), (before[0], len_walk(graph)),
-                            (before[1], graph_flops(graph)[0]), (before[2], graph_bytes(graph)),
-                            seconds, ctx.fired, notes=ctx.notes)
+        after = _stats(graph)
+        record = PassRecord(info.name, str(info.contract), (before[0], after[0]), (before[1], after[1]),
+                            (before[2], after[2]), seconds, ctx.fired, notes=ctx.notes)
         if validator is not None:
-            graph = validator.check(info, snapshot, graph, record)
+            checked = validator.check(info, snapshot, graph, record)
+            if checked is not graph:  # reverted to the graph before the pass
+                graph, after = checked, before
         records.append(record)
     return PipelineResult(graph, Report(records))
 
 
-def len_walk(graph) -> int:
-    """Number of nodes including those inside regions."""
-    return sum(1 for _ in graph.walk())
+def _stats(graph) -> tuple[int, int, int]:
+    """(nodes including regions, FLOPs, weight bytes) for the report."""
+    return sum(1 for _ in graph.walk()), graph_flops(graph)[0], graph_bytes(graph)

@@ -31,7 +31,7 @@ from graphopt import _jax_compat as compat
 from graphopt import control_flow
 from graphopt.errors import TraceError
 from graphopt.frameworks import Adapted, adapt
-from graphopt.ir import Graph, Provenance, Value, _library_dirs
+from graphopt.ir import Graph, Provenance, Value, _library_dirs, gc_paused
 from graphopt.ops import primitive_op
 from graphopt.types import TensorType
 
@@ -68,8 +68,8 @@ def trace(fn: Callable, *example_args, params_argnums=None, static_argnums=()) -
     for (path, _), var in zip(leaves, compat.jaxpr_parts(closed_jaxpr)[2]):
         role, name = _role_and_path(adapted, path)
         graph.add_input(TensorType.of_aval(compat.aval_of(var)), role, name)
-    outs = _Converter().convert(graph, closed_jaxpr, graph.inputs, "")
-    graph.set_outputs(outs)
+    with gc_paused():
+        graph.set_outputs(_Converter().convert(graph, closed_jaxpr, graph.inputs, ""))
     return graph
 
 

@@ -26,6 +26,9 @@ _SHORT_NAMES = {
 }
 
 
+_SUB_BYTE_BITS = {"int4": 4, "uint4": 4, "int2": 2, "uint2": 2, "float4_e2m1fn": 4}
+
+
 def dtype_name(dtype: Any) -> str:
     """Short dtype name as jaxprs print it: f32, bf16, i32, bool."""
     name = str(dtype)
@@ -39,7 +42,7 @@ class TensorType:
     dtype in promotion, so it is part of the type.
     """
 
-    __slots__ = ("shape", "dtype", "weak_type", "_aval", "_hash")
+    __slots__ = ("shape", "dtype", "weak_type", "_aval", "_hash", "_size", "_nbytes")
 
     def __init__(self, shape, dtype, weak_type: bool = False):
         object.__setattr__(self, "shape", tuple(int(d) for d in shape))
@@ -47,6 +50,8 @@ class TensorType:
         object.__setattr__(self, "weak_type", bool(weak_type))
         object.__setattr__(self, "_aval", None)
         object.__setattr__(self, "_hash", hash((self.shape, str(self.dtype), self.weak_type)))
+        object.__setattr__(self, "_size", math.prod(self.shape))
+        object.__setattr__(self, "_nbytes", None)
 
     def __setattr__(self, name, value):
         raise AttributeError("TensorType is immutable")
@@ -72,13 +77,16 @@ class TensorType:
 
     @property
     def size(self) -> int:
-        return math.prod(self.shape)
+        return self._size
 
     @property
     def nbytes(self) -> int:
-        itemsize = getattr(self.dtype, "itemsize", 0)
-        bits = {"int4": 4, "uint4": 4}.get(str(self.dtype))
-        return (self.size * bits + 7) // 8 if bits else self.size * itemsize
+        """Bytes of a dense array of this type (4-bit types packed two per byte)."""
+        if self._nbytes is None:
+            bits = _SUB_BYTE_BITS.get(str(self.dtype))
+            nbytes = (self._size * bits + 7) // 8 if bits else self._size * getattr(self.dtype, "itemsize", 0)
+            object.__setattr__(self, "_nbytes", nbytes)
+        return self._nbytes
 
     def strong(self) -> "TensorType":
         """The same type without the weak flag."""

@@ -21,7 +21,7 @@ import jax
 
 from graphopt import _jax_compat as compat
 from graphopt.errors import GraphError, SignatureError
-from graphopt.ir import Graph, Node
+from graphopt.ir import Graph, Node, gc_paused
 from graphopt.ops import OpDef, PrimitiveOp
 from graphopt.types import dtype_name
 
@@ -100,7 +100,8 @@ class GraphFunction:
     def __call__(self, *args):
         flat, tree = jax.tree_util.tree_flatten(args)
         self._check(flat, tree)
-        outs = evaluate(self.graph, flat)
+        with gc_paused():
+            outs = evaluate(self.graph, flat)
         if self.graph.out_tree is None:
             return outs
         return jax.tree_util.tree_unflatten(self.graph.out_tree, outs)

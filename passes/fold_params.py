@@ -191,8 +191,7 @@ def _check_unique_paths(graph) -> None:
 
 def _finish(graph, prep, prep_values) -> None:
     """Drop unused params, order params by path (the new dict argument), rebuild in_tree and prep."""
-    for arg in [a for a in graph.params() if not a.uses]:
-        graph.remove_input(arg)
+    graph.remove_inputs([a for a in graph.params() if not a.uses])
     old_prep = graph.prep
     params = sorted(graph.params(), key=lambda a: a.path)
     children = graph.in_tree.children()

@@ -1,10 +1,11 @@
 """Property: for random JAX programs, lower(trace(f)) computes exactly what f computes.
 
-The programs come from `graphopt.testing.programs`: straight-line code over
-~90 lax primitives, rank-0 and size-0 arrays, NaN/±Inf/−0 inputs, literals,
-captured constants, nested jit and custom_jvp calls. Both sides run under
-jax.jit, so a faithful round trip compiles to the same HLO and must match
-bit for bit (NaN payloads aside).
+The programs come from `graphopt.testing.programs`: code over ~90 lax
+primitives, rank-0 and size-0 arrays, NaN/±Inf/−0 inputs, literals, captured
+constants, pytree and Python-scalar arguments, nested jit, custom_jvp/vjp and
+control-flow regions. Both sides run under jax.jit, so a faithful round trip
+compiles to the same HLO and must match bit for bit (NaN payloads aside);
+the same holds after vmap and vjp, which the lowered function must support.
 
 Run longer with GRAPHOPT_HYPOTHESIS_PROFILE=deep.
 """
@@ -12,12 +13,15 @@ Run longer with GRAPHOPT_HYPOTHESIS_PROFILE=deep.
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, find, given, settings
+from hypothesis import HealthCheck, Phase, assume, find, given, settings
 from hypothesis import strategies as st
 
-from graphopt.testing import OP_FAMILIES, equivalence_check, primitives, programs
+import graphopt
+from graphopt.testing import (OP_FAMILIES, assert_equivalent, equivalence_check, primitives,
+                              programs)
 
 # Primitives each op family must be able to emit. The coverage test below
 # checks every one is actually reachable, so this table cannot rot silently.
@@ -53,6 +57,60 @@ def test_trace_lower_roundtrip_is_exact(program, data):
     # Which arguments count as parameters changes roles and names, never values.
     params = data.draw(st.sampled_from([None, (0,), (len(program.args) - 1,)]), "params_argnums")
     equivalence_check(program, *program.args, params_argnums=params)
+
+
+# vmap and vjp re-check what the plain round trip covers, plus the transformation
+# rules of the lowered program; half the examples are enough for them.
+_HALF = settings(max_examples=max(10, settings.default.max_examples // 2))
+
+
+@_HALF
+@given(programs())
+def test_roundtrip_commutes_with_vmap(program):
+    # Batch every array argument as [x, reversed x]; Python scalars stay unbatched.
+    axes = jax.tree.map(lambda x: 0 if isinstance(x, np.ndarray) else None, program.args)
+    batched = jax.tree.map(lambda x: np.stack([x, np.flip(x)]) if isinstance(x, np.ndarray) else x,
+                           program.args)
+    lowered = graphopt.lower(graphopt.trace(program, *program.args))
+    vmapped = lambda fn: jax.jit(jax.vmap(fn, in_axes=axes, axis_size=2))
+    assert_equivalent(vmapped(lowered)(*batched), vmapped(program)(*batched), exact=True)
+
+
+def _vjp_of_float_args(fn, args):
+    """x ↦ the cotangents of fn's float arguments, for all-ones output cotangents."""
+    leaves, tree = jax.tree.flatten(args)
+    wrt = [i for i, x in enumerate(leaves) if jnp.issubdtype(np.result_type(x), jnp.floating)]
+
+    def pullback(*float_leaves):
+        def partial_fn(*xs):
+            full = list(leaves)
+            for i, x in zip(wrt, xs):
+                full[i] = x
+            return fn(*jax.tree.unflatten(tree, full))
+
+        out, pull = jax.vjp(partial_fn, *float_leaves)
+        return pull(jax.tree.map(_ones_cotangent, out))
+
+    return jax.jit(pullback), [leaves[i] for i in wrt]
+
+
+def _ones_cotangent(y):
+    if jnp.issubdtype(y.dtype, jnp.inexact):
+        return jnp.ones_like(y)
+    return np.zeros(y.shape, jax.dtypes.float0)  # integer outputs have no tangent space
+
+
+@_HALF
+@given(programs())
+def test_roundtrip_commutes_with_vjp(program):
+    expected_fn, primals = _vjp_of_float_args(program, program.args)
+    try:
+        expected = expected_fn(*primals)
+    except (NotImplementedError, ValueError):  # nextafter, while with a dynamic trip count
+        assume(False)
+    lowered = graphopt.lower(graphopt.trace(program, *program.args))
+    actual_fn, _ = _vjp_of_float_args(lowered, program.args)
+    assert_equivalent(actual_fn(*primals), expected, exact=True)
 
 
 def test_families_table_matches_generator():

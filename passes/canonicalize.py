@@ -1,0 +1,325 @@
+"""canonicalize: one spelling for equivalent forms, so later rules need one pattern, not many.
+
+    %1 = mul 2.0, %x                          %1 = mul %x, 2.0
+    %2 = sub %1, 1.0                          %2 = add %1, -1.0
+    %3 = div %2, 4.0                   →      %3 = mul %2, 0.25
+    %4 = transpose[(1,0)] %w                  %4 = dot_general[((1),(0))] %x, %w
+    %5 = transpose[(1,0)] %x
+    %6 = dot_general[((1),(0))] %4, %5        (every einsum spelling of x @ w)
+    %7 = transpose[(1,0)] %6
+
+Canonical forms: constants (then scalars) on the right of commutative ops; subtracting a constant
+is adding its negation; dividing by a power of two is multiplying by its reciprocal; squeeze and
+size-1 expand_dims are reshapes; chains of reshapes, transposes and widening converts collapse;
+a dot_general reads its operands untransposed and produces its natural output order; identities
+(`x + -0.0`, `x * 1`, `neg(neg(x))`, identity converts/reshapes/transposes, copies) disappear.
+
+Every rule is bit-exact under IEEE arithmetic, NaN, ±Inf, −0 and subnormals included; each says
+why next to it. Rules that look right but are not stay out: `x + 0.0 → x` (−0 + 0 = +0), `x / 3
+→ x * (1/3)` (1/3 rounds), narrowing or int→float→int convert chains (rounding, saturation),
+`x * (1+0j) → x` (Inf·0 = NaN in the imaginary part). Trade-off: a dot_general whose operands
+were transposed now has other dimension numbers, which XLA folds the same way it folds the
+transposes; its summation order is the backend's business either way.
+
+Contract: exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graphopt.pattern import Const, Op, Rule, Var, constant_value, rewrite
+from graphopt.pipeline import register_pass
+
+
+@register_pass("canonicalize")
+def canonicalize(graph, ctx):
+    """Rewrite equivalent forms to one spelling, bit-exactly (see the module docstring)."""
+    ctx.count(rewrite(graph, CANONICAL_RULES))
+    return graph
+
+
+# --- predicates ----------------------------------------------------------------------------------
+
+SMALL = 1024  # constants inspected by value; larger ones (weights) are never read back to host
+
+# The float dtypes that hold every value (±0, ±Inf, NaN, subnormals) of the key dtype exactly.
+_WIDER_FLOATS = {
+    "float8_e4m3fn": {"float16", "bfloat16", "float32", "float64"},
+    "float8_e5m2": {"float16", "bfloat16", "float32", "float64"},
+    "float16": {"float32", "float64"},
+    "bfloat16": {"float32", "float64"},
+    "float32": {"float64"},
+}
+_FLOATS = set(_WIDER_FLOATS) | {"float64"}
+
+
+def _small(shape) -> bool:
+    return math.prod(shape) <= SMALL
+
+
+def _is_float(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def _is_int(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.integer)
+
+
+def _is_constant(value) -> bool:
+    return value.node is not None and value.node.op.name == "constant"
+
+
+def _is_additive_identity(c) -> bool:
+    """−0.0 for floats (x + −0 = x for every x; +0 would turn −0 into +0), 0 for integers."""
+    if _is_float(c.dtype):
+        return bool(np.all(c.astype(np.float64) == 0) and np.all(np.signbit(c.astype(np.float64))))
+    return _is_int(c.dtype) and bool(np.all(c == 0))
+
+
+def _is_one(c) -> bool:
+    return (_is_float(c.dtype) or _is_int(c.dtype)) and bool(np.all(c == 1))
+
+
+def _has_exact_reciprocal(c) -> bool:
+    """±2^k, normal, with a normal reciprocal 2^−k in the same dtype: x / c and x * (1/c) are then
+    the same real number and round the same (subnormal, overflowing and ±0 results included).
+    Both must be normal: a backend that flushes subnormal operands (XLA:CPU does) would see
+    x / 0 on one side and a finite product on the other."""
+    if not _is_float(c.dtype):
+        return False
+    wide = c.astype(np.float64)
+    tiny = float(jnp.finfo(c.dtype).tiny)
+    if not np.all(np.isfinite(wide) & (np.abs(wide) >= tiny)) or np.any(np.abs(np.frexp(wide)[0]) != 0.5):
+        return False
+    with np.errstate(over="ignore"):
+        inverse = 1.0 / wide
+    narrow = inverse.astype(c.dtype).astype(np.float64)
+    return bool(np.all(narrow == inverse) and np.all(np.abs(inverse) >= tiny))
+
+
+def _negation_is_exact(dtype) -> bool:
+    """x − c = x + (−c): IEEE defines subtraction so; two's complement wraps the same way."""
+    return _is_float(dtype) or jnp.issubdtype(dtype, jnp.complexfloating) or \
+        jnp.issubdtype(dtype, jnp.signedinteger)
+
+
+def _holds(wide, narrow) -> bool:
+    """Whether dtype `wide` represents every value of dtype `narrow` exactly."""
+    wide, narrow = np.dtype(wide), np.dtype(narrow)
+    if narrow.name in _FLOATS:
+        return wide.name in _WIDER_FLOATS.get(narrow.name, ())
+    if not _is_int(narrow):
+        return False
+    lo, hi = int(jnp.iinfo(narrow).min), int(jnp.iinfo(narrow).max)
+    if _is_int(wide):
+        return jnp.iinfo(wide).min <= lo and hi <= jnp.iinfo(wide).max
+    return wide.name in _FLOATS and max(-lo, hi) <= 2 ** (jnp.finfo(wide).nmant + 1)
+
+
+def _convert_chain_is_exact(c) -> bool:
+    """convert(convert(x, A), B) = convert(x, B) when A holds x exactly: both convert the same
+    value to B. Not when A is a float and B an int: float→int saturates, int→int wraps."""
+    x, a, b = c["x"].type.dtype, c["mid"].type.dtype, c["out"].type.dtype
+    if not _holds(a, x):
+        return False
+    return np.dtype(b).name in _FLOATS or (_is_int(a) and _is_int(b))
+
+
+def _same_type(name: str):
+    return lambda c: c[name].type == c["out"].type
+
+
+def _rightness(value) -> int:
+    """Operand order of commutative ops: constants last, then scalars, then everything else."""
+    return 2 if _is_constant(value) else 1 if value.type.shape == () else 0
+
+
+def _belongs_on_the_right(c) -> bool:
+    complex_ = jnp.issubdtype(c["x"].type.dtype, jnp.complexfloating)  # FMA-contracted complex mul
+    return not complex_ and _rightness(c["x"]) > _rightness(c["y"])
+
+
+def _is_unit_dim_insertion(c) -> bool:
+    """broadcast_in_dim that only inserts size-1 dims (expand_dims) moves no data: a reshape."""
+    params, shape = c["out"].node.params, c["x"].type.shape
+    dims, out = tuple(params["broadcast_dimensions"]), c["out"].type.shape
+    return (list(dims) == sorted(dims) and all(out[d] == n for d, n in zip(dims, shape))
+            and all(out[d] == 1 for d in range(len(out)) if d not in dims))
+
+
+def _is_identity(perm) -> bool:
+    return tuple(perm) == tuple(range(len(perm)))
+
+
+# --- replacements --------------------------------------------------------------------------------
+
+def _keep_x(b, x, **_):
+    return x
+
+
+def _constant_like(b, array, like):
+    """A constant holding `array` with the dtype and weak type of value `like`. (b.const cannot
+    make a weakly typed constant.)"""
+    t = like.type
+    return b.graph.constant(array, t.dtype, t.weak_type, before=b.before, provenance=b.provenance)
+
+
+def _add_negated(b, x, c, out):
+    with np.errstate(over="ignore"):
+        negated = np.asarray(np.negative(constant_value(c)), c.type.dtype)
+    return b.op("add", x, _constant_like(b, negated, c))
+
+
+def _mul_reciprocal(b, x, c, out):
+    inverse = np.asarray(1.0 / constant_value(c).astype(np.float64)).astype(c.type.dtype)
+    return b.op("mul", x, _constant_like(b, inverse, c))
+
+
+def _swap_operands(b, x, y, out):
+    return b.op(out.node.op, y, x, **out.node.params)
+
+
+def _scalar_operand(b, x, s, bc, out):
+    node = out.node
+    return b.op(node.op, *[s if v is bc else v for v in node.inputs], **node.params)
+
+
+def _convert_direct(b, x, mid, out):
+    return b.op("convert_element_type", x, **out.node.params)
+
+
+def _convert_before_broadcast(b, x, bc, out):
+    converted = b.op("convert_element_type", x, **out.node.params)
+    return b.op("broadcast_in_dim", converted, **bc.node.params)
+
+
+def _strong_constant(b, c, out):
+    return _constant_like(b, c.node.params["value"], out)  # the same array object, not a copy
+
+
+def _reshape_to(b, x, out):
+    return b.jax(jax.lax.reshape, x, new_sizes=out.type.shape)
+
+
+def _reshape_direct(b, x, out):
+    return b.op("reshape", x, **out.node.params)
+
+
+def _transpose_direct(b, x, t, out):
+    perm = t.node.params["permutation"]
+    composed = tuple(perm[i] for i in out.node.params["permutation"])
+    return b.op("transpose", x, **{**t.node.params, "permutation": composed})
+
+
+def _dot_absorbing(side: int):
+    """dot_general(transpose(a, p), y) → dot_general(a, y) with a's dims, when the free dims of a
+    keep their order (so the output's dimension order, and every product, stays the same)."""
+    def replace(b, x, t, y, out):
+        params = out.node.params
+        (contract, batch) = ([list(d) for d in pair] for pair in params["dimension_numbers"])
+        perm = t.node.params["permutation"]
+        free = [i for i in range(len(perm)) if i not in contract[side] and i not in batch[side]]
+        if [perm[i] for i in free] != sorted(perm[i] for i in free):
+            return None
+        contract[side] = [perm[i] for i in contract[side]]
+        batch[side] = [perm[i] for i in batch[side]]
+        dims = ((tuple(contract[0]), tuple(contract[1])), (tuple(batch[0]), tuple(batch[1])))
+        operands = [x, y] if side == 0 else [y, x]
+        return b.op("dot_general", *operands, **{**params, "dimension_numbers": dims})
+    return replace
+
+
+def _dot_swapped(b, lhs, rhs, dot, out):
+    """transpose(dot(l, r)) that puts r's free dims before l's is dot(r, l): same products."""
+    params = dot.node.params
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    nb = len(lb)
+    nl = lhs.type.ndim - len(lc) - nb
+    nr = rhs.type.ndim - len(rc) - nb
+    swapped = (*range(nb), *range(nb + nl, nb + nl + nr), *range(nb, nb + nl))
+    precision = params["precision"]
+    if tuple(out.node.params["permutation"]) != swapped or not (
+            precision is None or isinstance(precision, jax.lax.Precision)
+            or (isinstance(precision, tuple) and len(precision) == 2)):
+        return None
+    if isinstance(precision, tuple):
+        precision = precision[::-1]
+    new = b.op("dot_general", rhs, lhs, **{**params, "dimension_numbers": ((rc, lc), (rb, lb)),
+                                            "precision": precision})
+    return new if new.type == out.type else None
+
+
+# --- the rules -----------------------------------------------------------------------------------
+
+x, y, s = Var("x"), Var("y"), Var("s")
+BINARY = frozenset({"add", "sub", "mul", "div", "rem", "pow", "max", "min", "atan2", "nextafter",
+                    "and", "or", "xor", "eq", "ne", "lt", "le", "gt", "ge"})
+# Commuting is bit-exact for these: IEEE add/mul round the same real number, XLA's max/min order
+# −0 < +0 and propagate NaN from either side, comparisons and bitwise ops are symmetric.
+COMMUTATIVE = frozenset({"add", "mul", "max", "min", "and", "or", "xor", "eq", "ne"})
+CONVERT = "convert_element_type"
+_transpose = Op("transpose", x, name="t")
+
+CANONICAL_RULES = [
+    # Operand order: constants, then scalars, on the right of commutative ops.
+    Rule("canonicalize/constant-right", Op(COMMUTATIVE, x, y, name="out"), _swap_operands,
+         where=_belongs_on_the_right),
+    # Identities. neg flips the sign bit only; x + −0 = x and x * 1 = x for every real float
+    # (also −0, NaN, ±Inf, subnormals) and integer; a copy is its operand.
+    Rule("canonicalize/neg-neg", Op("neg", Op("neg", x)), _keep_x),
+    Rule("canonicalize/add-zero", Op("add", x, Const(where=_is_additive_identity, shape=_small),
+                                     name="out"), _keep_x, where=_same_type("x")),
+    Rule("canonicalize/mul-one", Op("mul", x, Const(where=_is_one, shape=_small), name="out"),
+         _keep_x, where=_same_type("x")),
+    Rule("canonicalize/copy", Op("copy", x), _keep_x),
+    # x − c → x + (−c); x / 2^k → x * 2^−k. See the predicates for why these are exact.
+    Rule("canonicalize/sub-constant", Op("sub", x, Const("c", dtype=_negation_is_exact, shape=_small),
+                                         name="out"), _add_negated),
+    Rule("canonicalize/div-power-of-two", Op("div", x, Const("c", where=_has_exact_reciprocal,
+                                                             shape=_small), name="out"),
+         _mul_reciprocal),
+    # A broadcast scalar operand of an elementwise op is the scalar itself (lax broadcasts rank-0
+    # operands): the op sees the same values. commutative=True lets the broadcast be either
+    # operand; the replacement keeps the operand order.
+    Rule("canonicalize/scalar-operand",
+         Op(BINARY, x, Op("broadcast_in_dim", Var("s", shape=()), name="bc"), commutative=True,
+            name="out"), _scalar_operand),
+    # Converts: identity converts vanish; a widening step before a convert is skipped; converting
+    # before broadcasting converts the same values, fewer of them; a convert that only makes a
+    # constant strongly typed is that constant.
+    Rule("canonicalize/convert-identity", Op(CONVERT, x, name="out"), _keep_x, where=_same_type("x")),
+    Rule("canonicalize/convert-convert", Op(CONVERT, Op(CONVERT, x, name="mid"), name="out"),
+         _convert_direct, where=_convert_chain_is_exact),
+    Rule("canonicalize/convert-before-broadcast",
+         Op(CONVERT, Op("broadcast_in_dim", x, single_use=True, name="bc"), name="out"),
+         _convert_before_broadcast),
+    Rule("canonicalize/convert-constant", Op(CONVERT, Op("constant", name="c"), name="out"),
+         _strong_constant, where=lambda c: c["c"].type.strong() == c["out"].type.strong()),
+    # Shapes: squeeze and expand_dims are reshapes (row-major order unchanged); reshape and
+    # transpose chains compose; identities vanish. Pure data movement, so exact.
+    Rule("canonicalize/squeeze-to-reshape", Op("squeeze", x, name="out"), _reshape_to),
+    Rule("canonicalize/expand-dims-to-reshape", Op("broadcast_in_dim", x, name="out"), _reshape_to,
+         where=_is_unit_dim_insertion),
+    Rule("canonicalize/reshape-reshape",
+         Op("reshape", Op("reshape", x, params={"dimensions": None}), params={"dimensions": None},
+            name="out"), _reshape_direct),
+    Rule("canonicalize/reshape-identity", Op("reshape", x, params={"dimensions": None}, name="out"),
+         _keep_x, where=_same_type("x")),
+    Rule("canonicalize/transpose-transpose", Op("transpose", _transpose, name="out"),
+         _transpose_direct),
+    Rule("canonicalize/transpose-identity",
+         Op("transpose", x, params=lambda p: _is_identity(p["permutation"])), _keep_x),
+    # Matmuls: operands untransposed, output in the dot's own order.
+    Rule("canonicalize/dot-lhs-transpose", Op("dot_general", _transpose, y, name="out"),
+         _dot_absorbing(0)),
+    Rule("canonicalize/dot-rhs-transpose", Op("dot_general", y, _transpose, name="out"),
+         _dot_absorbing(1)),
+    Rule("canonicalize/transpose-dot",
+         Op("transpose", Op("dot_general", Var("lhs"), Var("rhs"), single_use=True, name="dot"),
+            name="out"), _dot_swapped),
+]

@@ -1,0 +1,174 @@
+"""cse: common subexpression elimination — one node per distinct computation.
+
+    %1 = sin %x                 %1 = sin %x
+    %2 = sin %x          →      %3 = add %1, %1
+    %3 = add %1, %2             return %3
+    return %3
+
+Two nodes compute the same thing when they have the same op, equal params, the same output types
+and the same inputs, by identity (after earlier merges, so chains collapse in one forward sweep:
+O(n) with a hash table per graph). The first node is kept and the uses of the later one move to
+it. Constants merge when dtype, weak type, shape and bits are equal: 0.0 and −0.0 stay apart,
+NaNs with identical bits merge.
+
+What is never merged:
+- nodes with effects (callbacks, prints, ordered I/O) and `rng_uniform` (a stateful generator
+  that JAX does not mark as effectful); `optimization_barrier`, which exists to stop rewrites;
+- region ops (scan, while, cond, remat, ...): each region belongs to exactly one node, so two
+  region ops never hold the same region object, and comparing bodies structurally costs O(body)
+  per candidate for a rare win. CSE runs inside every region instead, each with its own table
+  (a region sees only its own inputs, so nothing merges across a region boundary);
+- nodes whose params cannot be keyed (unhashable objects). Large arrays in params (more than
+  4096 elements) are keyed by identity, not by content, so keying stays cheap. Constants are
+  keyed by content up to 16 MiB (a digest, confirmed bit for bit on a match), by identity above.
+- Commuted operands (`mul %a, %b` vs `mul %b, %a`) are different keys; canonicalize orders them.
+
+XLA runs CSE on the compiled program too. graphopt does it on its own graph because later passes
+match patterns on values: after CSE, fold_params and fusion patterns see one value where the
+trace had two copies (e.g. one `rsqrt(var + eps)` per use), cost reports stop counting duplicates,
+and every later pass and the lowering touch fewer nodes.
+
+Contract: exact (the kept node computes bit-identical results).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import Counter
+
+import jax
+import numpy as np
+
+from graphopt.ops import CONSTANT
+from graphopt.pipeline import register_pass
+
+# Arrays in params up to this many elements are keyed by their bytes; larger ones by identity.
+MAX_KEYED_ELEMENTS = 4096
+# Constants up to this size are keyed by content, larger ones (closed-over weights) by identity.
+MAX_HASHED_CONSTANT_BYTES = 16 << 20
+# Pure by JAX's account but not to be merged (see the module docstring).
+NEVER_MERGED = frozenset({"rng_uniform", "optimization_barrier"})
+
+
+@register_pass("cse")
+def cse(graph, ctx):
+    """Merge nodes that compute the same value (same op, params and inputs) into the first one.
+
+    Example:
+        >>> import graphopt, jax.numpy as jnp
+        >>> from graphopt.pipeline import run_pipeline
+        >>> g = graphopt.trace(lambda x: jnp.sin(x) + jnp.sin(x), jnp.ones(3))
+        >>> [n.op.name for n in run_pipeline(g, ["cse"]).graph.nodes]
+        ['sin', 'add']
+    """
+    fired: Counter = Counter()
+    _cse(graph, fired)
+    ctx.count(fired)
+    return graph
+
+
+def _cse(graph, fired: Counter) -> None:
+    seen: dict = {}
+    for node in graph.nodes:
+        for region in node.regions:
+            _cse(region, fired)
+        key = _node_key(node)
+        if key is None:
+            continue
+        first = seen.setdefault(key, node)
+        if first is node:
+            continue
+        for old, new in zip(node.outputs, first.outputs):
+            graph.replace_all_uses(old, new)
+        graph.erase(node)
+        fired["merged-constant" if node.op is CONSTANT else "merged-node"] += 1
+
+
+def _node_key(node):
+    """A hashable key equal for nodes that compute the same values, or None: never merge."""
+    if node.effects or node.regions or node.op.name in NEVER_MERGED:
+        return None
+    try:
+        if node.op is CONSTANT:
+            return (CONSTANT, _constant_key(node.params["value"]), node.output.type)
+        key = (node.op, _param_key(node.params), tuple(map(id, node.inputs)),
+               tuple(v.type for v in node.outputs))
+        hash(key)
+        return key
+    except _Unkeyable:
+        return None
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+def _param_key(obj):
+    """A hashable stand-in for a param value; equal keys mean interchangeable params."""
+    if isinstance(obj, float):
+        return (float, struct.pack("<d", obj))  # bits: -0.0 and 0.0 differ, NaN equals itself
+    if isinstance(obj, complex):
+        return (complex, struct.pack("<dd", obj.real, obj.imag))
+    if isinstance(obj, (bool, int, str, bytes, type(None))):
+        return (type(obj), obj)  # the type keeps True, 1 and 1.0 apart
+    if isinstance(obj, np.dtype):
+        return (np.dtype, obj.str, obj.name)
+    if isinstance(obj, (tuple, list)):
+        return (type(obj), tuple(_param_key(x) for x in obj))
+    if isinstance(obj, dict):
+        return (dict, frozenset((_param_key(k), _param_key(v)) for k, v in obj.items()))
+    if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
+        return _array_key(obj)
+    try:
+        hash(obj)
+    except TypeError:
+        raise _Unkeyable(type(obj).__name__) from None
+    return (type(obj), obj)  # jaxprs, enums, functions, shardings: their own equality
+
+
+def _constant_key(value):
+    """Constants are keyed by content up to MAX_HASHED_CONSTANT_BYTES (a digest of the bytes,
+    checked against the bytes themselves on a match), larger ones by identity."""
+    try:
+        array = np.asarray(value)
+    except Exception:  # e.g. PRNG key arrays, which have no numpy form
+        return ("id", id(value))
+    if array.dtype == object or array.nbytes > MAX_HASHED_CONSTANT_BYTES:
+        return ("id", id(value))
+    if array.size <= MAX_KEYED_ELEMENTS:
+        return (array.dtype.str, array.shape, array.tobytes())
+    return _Content(array)
+
+
+class _Content:
+    """A large array's bytes as a dict key: hashed by digest, compared bit for bit."""
+
+    __slots__ = ("array", "_hash")
+
+    def __init__(self, array: np.ndarray):
+        self.array = np.ascontiguousarray(array)
+        digest = hashlib.blake2b(self.array.view(np.uint8).reshape(-1), digest_size=16).digest()
+        self._hash = hash((self.array.dtype.str, self.array.shape, digest))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return (isinstance(other, _Content) and self._hash == other._hash
+                and self.array.dtype == other.array.dtype and self.array.shape == other.array.shape
+                and self.array.tobytes() == other.array.tobytes())
+
+
+def _array_key(value):
+    """(dtype, shape, bytes) for small arrays and scalars; identity for large ones."""
+    size = int(np.prod(np.shape(value)))
+    if size > MAX_KEYED_ELEMENTS:
+        return ("id", id(value))
+    try:
+        array = np.asarray(value)
+    except Exception:  # e.g. PRNG key arrays, which have no numpy form
+        return ("id", id(value))
+    if array.dtype == object:
+        raise _Unkeyable("object array")
+    return (array.dtype.str, array.dtype.name, array.shape, array.tobytes())
