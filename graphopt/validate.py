@@ -113,9 +113,10 @@ class Validator:
         self.on_mismatch = on_mismatch
         self.records: list[PassRecord] = []
         self._known: tuple[list, dict] | None = None  # (structure, outputs) of the last graph returned
-        self._sets: dict = {}                        # (signature, contract kind) -> (input sets, note)
+        self._sets: dict = {}  # signature -> user input sets; (signature, contract kind) -> (all, note)
 
     def snapshot(self, graph: Graph) -> Snapshot:
+        self._user_sets(graph)  # refuse user inputs of another signature before any pass runs
         structure = _structure(graph)
         copy, mapping = graph.clone()
         known = self._known
@@ -178,12 +179,19 @@ class Validator:
         self._known = (_structure(snapshot.graph), snapshot.outputs)
         return snapshot.graph
 
+    def _user_sets(self, graph: Graph) -> list:
+        tree, slots = _original_signature(graph)
+        key = (tree, tuple(slots))
+        if key not in self._sets:
+            self._sets[key] = [_InputSet(f"user input set {i}", tree, _check_user_leaves(i, args, tree, slots))
+                               for i, args in enumerate(self.user_inputs)]
+        return self._sets[key]
+
     def _input_sets(self, graph: Graph, contract: Contract) -> tuple[list, str | None]:
         tree, slots = _original_signature(graph)
         key = (tree, tuple(slots), contract.kind)
         if key not in self._sets:
-            sets = [_InputSet(f"user input set {i}", tree, _check_user_leaves(i, args, tree, slots))
-                    for i, args in enumerate(self.user_inputs)]
+            sets = list(self._user_sets(graph))
             note = None
             try:
                 sets += self._random_sets(tree, slots, contract)

@@ -37,9 +37,23 @@ from graphopt.pipeline import register_pass
 
 
 @register_pass("canonicalize")
-def canonicalize(graph, ctx):
-    """Rewrite equivalent forms to one spelling, bit-exactly (see the module docstring)."""
-    ctx.count(rewrite(graph, CANONICAL_RULES))
+def canonicalize(graph, ctx, dots: bool = False):
+    """Rewrite equivalent forms to one spelling, bit for bit (see the module docstring).
+
+    `dots=True` also applies DOT_RULES: one dot_general form for every spelling of a matmul. XLA
+    may then sum in another order (last-bit differences), so they are opt-in.
+
+    >>> import graphopt, jax.numpy as jnp
+    >>> from graphopt.pipeline import run_pipeline
+    >>> g = graphopt.trace(lambda x: 2.0 * x - 1.0, jnp.ones(3))
+    >>> print(run_pipeline(g, ["canonicalize"]).graph)  # doctest: +ELLIPSIS
+    graph <lambda>(%x: f32[3]) {
+      %0 = mul %x, 2.0 : f32[3]  ...
+      %1 = add %0, -1.0 : f32[3]  ...
+      return %1
+    }
+    """
+    ctx.count(rewrite(graph, CANONICAL_RULES + DOT_RULES if dots else CANONICAL_RULES))
     return graph
 
 
@@ -145,10 +159,11 @@ def _belongs_on_the_right(c) -> bool:
 
 
 def _is_unit_dim_insertion(c) -> bool:
-    """broadcast_in_dim that only inserts size-1 dims (expand_dims) moves no data: a reshape."""
+    """broadcast_in_dim that only inserts size-1 dims (expand_dims) moves no data: a reshape.
+    (A scalar's broadcast stays one, for `canonicalize/splat` and `canonicalize/scalar-operand`.)"""
     params, shape = c["out"].node.params, c["x"].type.shape
     dims, out = tuple(params["broadcast_dimensions"]), c["out"].type.shape
-    return (list(dims) == sorted(dims) and all(out[d] == n for d, n in zip(dims, shape))
+    return (shape != () and list(dims) == sorted(dims) and all(out[d] == n for d, n in zip(dims, shape))
             and all(out[d] == 1 for d in range(len(out)) if d not in dims))
 
 
@@ -200,6 +215,10 @@ def _convert_before_broadcast(b, x, bc, out):
 
 def _strong_constant(b, c, out):
     return _constant_like(b, c.node.params["value"], out)  # the same array object, not a copy
+
+
+def _splat(b, s, out):
+    return b.jax(jax.lax.broadcast_in_dim, s, shape=out.type.shape, broadcast_dimensions=())
 
 
 def _reshape_to(b, x, out):
@@ -263,6 +282,7 @@ BINARY = frozenset({"add", "sub", "mul", "div", "rem", "pow", "max", "min", "ata
 # −0 < +0 and propagate NaN from either side, comparisons and bitwise ops are symmetric.
 COMMUTATIVE = frozenset({"add", "mul", "max", "min", "and", "or", "xor", "eq", "ne"})
 CONVERT = "convert_element_type"
+SHAPE_OPS = frozenset({"reshape", "broadcast_in_dim"})
 _transpose = Op("transpose", x, name="t")
 
 CANONICAL_RULES = [
@@ -300,8 +320,10 @@ CANONICAL_RULES = [
          _convert_before_broadcast),
     Rule("canonicalize/convert-constant", Op(CONVERT, Op("constant", name="c"), name="out"),
          _strong_constant, where=lambda c: c["c"].type.strong() == c["out"].type.strong()),
-    # Shapes: squeeze and expand_dims are reshapes (row-major order unchanged); reshape and
-    # transpose chains compose; identities vanish. Pure data movement, so exact.
+    # Shapes: a reshaped or broadcast splat of a scalar is a splat; squeeze and expand_dims of a
+    # non-scalar are reshapes (row-major order unchanged); reshape and transpose chains compose;
+    # identities vanish. Pure data movement, so exact.
+    Rule("canonicalize/splat", Op(SHAPE_OPS, Op(SHAPE_OPS, Var("s", shape=())), name="out"), _splat),
     Rule("canonicalize/squeeze-to-reshape", Op("squeeze", x, name="out"), _reshape_to),
     Rule("canonicalize/expand-dims-to-reshape", Op("broadcast_in_dim", x, name="out"), _reshape_to,
          where=_is_unit_dim_insertion),
@@ -314,7 +336,12 @@ CANONICAL_RULES = [
          _transpose_direct),
     Rule("canonicalize/transpose-identity",
          Op("transpose", x, params=lambda p: _is_identity(p["permutation"])), _keep_x),
-    # Matmuls: operands untransposed, output in the dot's own order.
+]
+
+# Matmuls: operands untransposed, output in the dot's own order. Every product is the same, but
+# XLA picks its dot kernel, and with it the summation order, by the dimension numbers: on CPU a
+# 1×1000 @ 1000×3 matmul differs in the last bit once its transposes are absorbed.
+DOT_RULES = [
     Rule("canonicalize/dot-lhs-transpose", Op("dot_general", _transpose, y, name="out"),
          _dot_absorbing(0)),
     Rule("canonicalize/dot-rhs-transpose", Op("dot_general", y, _transpose, name="out"),

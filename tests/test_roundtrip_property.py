@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, assume, find, given, settings
+from hypothesis.errors import NoSuchExample
 from hypothesis import strategies as st
 
 import graphopt
 from graphopt.testing import (OP_FAMILIES, assert_equivalent, equivalence_check, primitives,
                               programs)
+from graphopt.testing_programs import Lit
 
 # Primitives each op family must be able to emit. The coverage test below
 # checks every one is actually reachable, so this table cannot rot silently.
@@ -117,15 +119,25 @@ def test_families_table_matches_generator():
     assert set(FAMILY_PRIMITIVES) == set(OP_FAMILIES)
 
 
+def _find_all(strategy, wanted, observe):
+    """Draws from `strategy` until `observe` (example -> set of names) has
+    reported every name in `wanted`; fails naming the ones never seen."""
+    missing = set(wanted)
+
+    def all_seen(example):
+        missing.difference_update(observe(example))
+        return not missing
+
+    try:
+        find(strategy, all_seen, settings=_SEARCH)
+    except NoSuchExample:
+        pytest.fail(f"never generated: {sorted(missing)}")
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_PRIMITIVES))
 def test_every_listed_primitive_is_generated(family):
-    seen = set()
-
-    def covers_all(program):  # accumulates across examples: find stops once all were seen
-        seen.update(primitives(program, *program.args))
-        return set(FAMILY_PRIMITIVES[family]) <= seen
-
-    find(programs(families=(family,)), covers_all, settings=_SEARCH)
+    _find_all(programs(families=(family,)), FAMILY_PRIMITIVES[family],
+              lambda p: primitives(p, *p.args))
 
 
 def test_generator_covers_at_least_30_primitives():
@@ -138,26 +150,34 @@ def test_generator_covers_at_least_30_primitives():
     find(programs(), enough, settings=_SEARCH)
 
 
-def _finds(condition):
-    return find(programs(), condition, settings=_SEARCH)
-
-
 def _leaves(program):
     return [np.asarray(x) for x in jax.tree.leaves(program.args)]
 
 
-def test_generates_rank0_size0_and_special_values():
-    floats = lambda p: [x.astype(np.float64) for x in _leaves(p) if x.dtype.kind not in "bi"]
-    _finds(lambda p: any(x.ndim == 0 for x in _leaves(p)))
-    _finds(lambda p: any(x.size == 0 and x.ndim > 0 for x in _leaves(p)))
-    _finds(lambda p: any(np.isnan(x).any() for x in floats(p)))
-    _finds(lambda p: any((x == math.inf).any() for x in floats(p)))
-    _finds(lambda p: any((x == -math.inf).any() for x in floats(p)))
-    _finds(lambda p: any(((x == 0) & np.signbit(x)).any() for x in floats(p)))
-    _finds(lambda p: any(x.dtype.name == "bfloat16" for x in _leaves(p)))
-    _finds(lambda p: any(x.dtype == np.bool_ for x in _leaves(p)))
-    # Ops whose result is a size-0 array even though the inputs are not.
-    _finds(lambda p: any(0 in i.aval.shape for i in p.instrs) and all(x.size for x in _leaves(p)))
-    # Python scalars (weakly typed) and nested pytree arguments.
-    _finds(lambda p: any(isinstance(x, float) for x in jax.tree.leaves(p.args)))
-    _finds(lambda p: any(isinstance(x, dict) for x in p.args))
+def _floats(program):
+    return [x.astype(np.float64) for x in _leaves(program) if x.dtype.kind not in "bi"]
+
+
+# What the generator must produce somewhere; each predicate looks at one program.
+INPUT_FEATURES = {
+    "rank-0 array": lambda p: any(x.ndim == 0 for x in _leaves(p)),
+    "size-0 array": lambda p: any(x.size == 0 and x.ndim > 0 for x in _leaves(p)),
+    "NaN": lambda p: any(np.isnan(x).any() for x in _floats(p)),
+    "+Inf": lambda p: any((x == math.inf).any() for x in _floats(p)),
+    "-Inf": lambda p: any((x == -math.inf).any() for x in _floats(p)),
+    "-0.0": lambda p: any(((x == 0) & np.signbit(x)).any() for x in _floats(p)),
+    "bfloat16": lambda p: any(x.dtype.name == "bfloat16" for x in _leaves(p)),
+    "bool": lambda p: any(x.dtype == np.bool_ for x in _leaves(p)),
+    "int32": lambda p: any(x.dtype == np.int32 for x in _leaves(p)),
+    "size-0 result of non-empty inputs": lambda p: (
+        any(0 in i.aval.shape for i in p.instrs) and all(x.size for x in _leaves(p))),
+    "Python scalar argument": lambda p: any(isinstance(x, float) for x in jax.tree.leaves(p.args)),
+    "dict argument": lambda p: any(isinstance(x, dict) for x in p.args),
+    "literal operand": lambda p: any(isinstance(a, Lit) for i in p.instrs for a in i.args),
+    "captured constant": lambda p: "const" in p.ops,
+}
+
+
+def test_generates_rank0_size0_special_values_and_pytrees():
+    _find_all(programs(), INPUT_FEATURES,
+              lambda p: {name for name, has in INPUT_FEATURES.items() if has(p)})
