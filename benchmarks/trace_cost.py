@@ -19,8 +19,12 @@ For each depth, two paths from a Python model to an XLA executable are timed:
 - graphopt: `graphopt.trace(model.apply, variables, tokens)`, `run_pipeline(graph, "default")`, then
   `jax.jit(graphopt.lower(graph)).lower(variables, tokens).compile()`, timed in its stages: trace
   (split into JAX's `make_jaxpr` of the model and graphopt's jaxpr → graph conversion, by wrapping
-  `graphopt._jax_compat.make_jaxpr_with_shape` with a timer), pipeline, lower to StableHLO (split
-  into the replay of the graph under `jit(...).trace` and `Traced.lower`), and XLA compile.
+  `graphopt._jax_compat.make_jaxpr_with_shape` with a timer), pipeline, parameter prep, lower to
+  StableHLO (split into the replay of the graph under `jit(...).trace` and `Traced.lower`), and
+  XLA compile. Parameter prep is zero unless a pass (fold_params) moved work on the weights into a
+  prep graph; then the optimized graph takes the prep graph's outputs, and tracing, compiling and
+  running the prep graph once (`graphopt.param_prep.prepare`) is part of graphopt's cost.
+  `--pipeline none` measures tracing and lowering alone.
 
 Every stage is timed twice: wall-clock time (`time.perf_counter`), what a user waits for, and the
 process's CPU time (`time.process_time`, all threads), which other processes competing for the
@@ -31,8 +35,8 @@ two runs of a repetition are back to back) and reported as the median and min–
 as a fraction of the median baseline total, and per layer; a least-squares line through
 (layers, overhead) shows whether it grows linearly with depth. The subtraction carries the noise
 of the XLA compile (most of the total), so the stages that exist only on graphopt's path
-(conversion, pipeline, replay: "graphopt-only stages") are also reported as a direct, low-noise
-estimate of graphopt's own work. (graphopt's make_jaxpr, StableHLO lowering and XLA compile do
+(conversion, pipeline, parameter prep, replay: "graphopt-only stages") are also reported as a
+direct, low-noise estimate of graphopt's own work. (graphopt's make_jaxpr, StableHLO lowering and XLA compile do
 the same work as the baseline's trace, lower and compile.)
 
 Nothing is served from a cache: before every timed run `jax.clear_caches()` empties JAX's tracing,
@@ -45,7 +49,8 @@ it is for users.
 
 After the last repetition of each depth, the two compiled programs are compared by their count of
 HLO instructions per opcode (instruction names and source metadata differ; the computation should
-not), to confirm that the compile times being compared are for the same program.
+not), to confirm that the compile times being compared are for the same program (with a pipeline
+that rewrites the graph they differ, and XLA's compile time may differ with them).
 """
 
 from __future__ import annotations
@@ -73,8 +78,8 @@ from graphopt.pipeline import run_pipeline
 
 CLOCKS = ("wall", "cpu")
 BASELINE_STAGES = ("trace", "lower", "compile")
-GRAPHOPT_STAGES = ("make_jaxpr", "convert", "pipeline", "replay", "stablehlo", "compile")
-GRAPHOPT_ONLY = ("convert", "pipeline", "replay")  # stages with no counterpart in the baseline
+GRAPHOPT_STAGES = ("make_jaxpr", "convert", "pipeline", "prep", "replay", "stablehlo", "compile")
+GRAPHOPT_ONLY = ("convert", "pipeline", "prep", "replay")  # no counterpart in the baseline
 
 
 # --- timing one run ------------------------------------------------------------------------------
@@ -158,7 +163,9 @@ def run_graphopt(model, variables, tokens, pipeline: str):
     result = run_pipeline(graph, pipeline)
     graph = getattr(result, "graph", result)  # a PipelineResult, or (older API) the graph
     watch.lap("pipeline")
-    traced = jax.jit(graphopt.lower(graph)).trace(variables, tokens)
+    args = jax.block_until_ready(_prepare(graph, variables, tokens))
+    watch.lap("prep")
+    traced = jax.jit(graphopt.lower(graph)).trace(*args)
     watch.lap("replay")
     lowered = traced.lower()
     watch.lap("stablehlo")
@@ -173,6 +180,17 @@ def run_graphopt(model, variables, tokens, pipeline: str):
         times["lower"] = times["replay"] + times["stablehlo"]   # = jit(lower(graph)).lower(...)
         times["graphopt_only"] = sum(times[stage] for stage in GRAPHOPT_ONLY)
     return watch.times, compiled, (traced_nodes, _count_nodes(graph))
+
+
+def _prepare(graph, *args) -> tuple:
+    """The optimized graph's arguments. A pass that precomputes work on the weights (fold_params)
+    moves it into a prep graph that a user runs once per set of weights: tracing, compiling and
+    running it is part of graphopt's cost. Without one, the traced function's own arguments."""
+    if getattr(graph, "prep", None) is None:
+        return args
+    from graphopt.param_prep import prepare
+
+    return prepare(graph, *args)
 
 
 def _count_nodes(graph) -> int:
@@ -306,8 +324,20 @@ def machine_info() -> dict:
             "platform": platform.platform(), "python": platform.python_version(),
             "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
             "graphopt": graphopt.__version__, "backend": jax.default_backend(),
-            "load_average": _load_average(),
+            "load_average": _load_average(), "git": _git_revision(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _git_revision() -> str:
+    """Commit of the measured graphopt checkout, '-dirty' when it has uncommitted changes."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, check=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _load_average() -> list[float] | None:
@@ -338,7 +368,8 @@ SUMMARY_HEADER = ("layers", "graph nodes", "baseline total s", "graphopt total s
                   "overhead % of baseline", "overhead / layer ms", "graphopt-only stages s",
                   "graphopt-only % of baseline", "graphopt-only / layer ms")
 STAGE_HEADER = ("layers", "baseline trace", "baseline lower", "baseline compile",
-                "graphopt make_jaxpr", "graphopt convert", "graphopt pipeline", "graphopt replay",
+                "graphopt make_jaxpr", "graphopt convert", "graphopt pipeline", "graphopt param prep",
+                "graphopt replay",
                 "graphopt StableHLO", "graphopt compile")
 
 
@@ -394,6 +425,7 @@ def machine_line(result: dict) -> str:
     m, c = result["machine"], result["config"]
     return (f"{m['cpu']}, {m['cpu_count']} CPUs ({m['usable_cpus']} usable), {m['platform']}, "
             f"Python {m['python']}, jax {m['jax']}, flax {m['flax']}, backend {m['backend']}, "
+            f"graphopt {m['graphopt']} at {m['git']}, "
             f"{m['date']}, load average (1/5/15 min) {_load(m['load_average_at_start'])} at start, "
             f"{_load(m['load_average'])} at end; model width {c['width']}, heads {c['heads']}, "
             f"seq {c['seq']}, batch {c['batch']}, vocab {c['vocab']}; pipeline {c['pipeline']!r}; "
@@ -433,8 +465,8 @@ def markdown(result: dict) -> str:
         f"Machine: {machine_line(result)}.", "",
         f"Command: `{result['config']['command']}`", "",
         "Seconds, median (min–max) over repetitions. Overhead = graphopt total − baseline total, "
-        "per repetition. graphopt-only stages = convert + pipeline + replay, the stages the "
-        "baseline does not have. Graph nodes: as traced, regions included (after the pipeline, "
+        "per repetition. graphopt-only stages = convert + pipeline + param prep + replay, the "
+        "stages the baseline does not have. Graph nodes: as traced, regions included (after the pipeline, "
         "in parentheses, where it changed them).", "",
         "Wall-clock:", "",
         table(SUMMARY_HEADER, summary_rows(result, "wall")), "",

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable, Iterator
 
 import jax
@@ -183,7 +184,16 @@ def primitives(fn: Callable, *args) -> set[str]:
     >>> sorted(primitives(lambda x: jax.jit(jax.numpy.sin)(x) + 1, 1.0))
     ['add', 'jit', 'sin']
     """
-    return set(_walk(jax.make_jaxpr(fn)(*args).jaxpr))
+    return set(primitive_counts(fn, *args))
+
+
+def primitive_counts(fn: Callable, *args) -> Counter:
+    """How often each primitive occurs in ``jax.make_jaxpr(fn)(*args)``, nested jaxprs included.
+
+    >>> primitive_counts(lambda x: jax.numpy.sin(jax.numpy.sin(x)), 1.0)
+    Counter({'sin': 2})
+    """
+    return Counter(_walk(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
 def _walk(jaxpr) -> Iterator[str]:

@@ -91,51 +91,56 @@ def fold_constants(graph, ctx, max_bytes: int = 64 << 10):
 
 
 class _Plan:
-    """What to evaluate: `nodes` in program order, and the `wanted` values that become constants."""
+    """What to evaluate, and what happens to each constant-only node."""
 
     def __init__(self):
-        self.nodes: list = []      # constants and computable nodes the wanted values depend on
-        self.wanted: list = []     # outputs of folding nodes read by nodes that stay
-        self.folding: list = []    # nodes replaced by constants (then erased)
-        self.lazy: list = []       # computable nodes left in place: too large, or PRNG keys
+        self.nodes: list = []      # what the wanted values need: constants and nodes, in order
+        self.wanted: list = []     # outputs of folded nodes read by nodes that stay
+        self.gone: list = []       # constant-only nodes that disappear, and constants they read
+        self.kept: list = []       # constant-only nodes left in place: too large, expanders, keys
 
 
 def _plan(graph, max_bytes: int, refused: set) -> _Plan:
-    # Per value id: ("const", nbytes) for constants and folding nodes, ("lazy", 0) otherwise.
-    status: dict[int, tuple[str, int]] = {}
-    folding: set[int] = set()
     plan = _Plan()
+    # Forward, producers first: which nodes are constant-only (`computable`), and which of those
+    # may become constants (`folds`). Per value: its bytes if it is or becomes a constant, 0 if
+    # it is computable but stays lazy; absent if not computable.
+    size: dict[int, int] = {}
+    computable, folds, order = [], set(), []
     for node in graph.walk():
         if node.op is CONSTANT:
-            status[id(node.output)] = ("const", node.output.type.nbytes)
+            size[id(node.output)] = node.output.type.nbytes
+            order.append(node)
             continue
         if not _foldable_op(node) or id(node) in refused:
             continue
-        inputs = [status.get(id(v)) for v in node.inputs]
-        out_bytes = sum(v.type.nbytes for v in node.outputs)
+        inputs = [size.get(id(v)) for v in node.inputs]
         if None in inputs:
             continue
+        out_bytes = sum(v.type.nbytes for v in node.outputs)
         if out_bytes > MAX_EVAL_BYTES:  # constant, but too large even to compute here
-            plan.lazy.append(node)
+            plan.kept.append(node)
             continue
-        largest = max((n for kind, n in inputs if kind == "const"), default=0)
-        if out_bytes <= max(largest, max_bytes) and not any(_is_extended(v.type.dtype) for v in node.outputs):
-            folding.add(id(node))
-            plan.folding.append(node)
-            status.update((id(v), ("const", v.type.nbytes)) for v in node.outputs)
-        else:
-            plan.lazy.append(node)
-            status.update((id(v), ("lazy", 0)) for v in node.outputs)
-    # An expander read by nodes that stay is kept, its input folded instead. Users before
-    # producers, so a kept expander's producer sees it as a reader that stays.
-    for node in reversed(plan.folding):
-        if _is_expander(node) and _read_by_staying(node, folding):
-            folding.discard(id(node))
-            plan.lazy.append(node)
-    plan.folding = [n for n in plan.folding if id(n) in folding]
-    # Wanted: folding nodes' outputs read by a node that stays, or by the graph outputs.
-    for node in plan.folding:
-        plan.wanted.extend(v for v in node.outputs if _read_by_staying(v, folding))
+        computable.append(node)
+        order.append(node)
+        fits = out_bytes <= max(max(inputs, default=0), max_bytes)
+        if fits and not any(_is_extended(v.type.dtype) for v in node.outputs):
+            folds.add(id(node))
+        size.update((id(v), v.type.nbytes if id(node) in folds else 0) for v in node.outputs)
+    # Backward, readers first: a node stays if a node that stays (or the graph output) reads it
+    # and it cannot fold, or it is an expander (kept, its input folds instead: a broadcast or
+    # iota is free for XLA, a literal of its shape is not). Everything else disappears; the
+    # outputs of folding nodes that staying nodes read become constants.
+    gone: set[int] = set()
+    for node in reversed(computable):
+        staying = [v for v in node.outputs if any(u is None or id(u) not in gone for u, _ in v.uses)]
+        if staying and (id(node) not in folds or _is_expander(node)):
+            plan.kept.append(node)
+            continue
+        gone.add(id(node))
+        plan.wanted.extend(staying)
+        gone.update(id(v.node) for v in node.inputs if v.node is not None and v.node.op is CONSTANT)
+    plan.gone = [n for n in order if id(n) in gone]
     # Evaluate only what the wanted values depend on.
     needed: set[int] = set()
     stack = [v.node for v in plan.wanted]
@@ -144,13 +149,8 @@ def _plan(graph, max_bytes: int, refused: set) -> _Plan:
         if id(node) not in needed:
             needed.add(id(node))
             stack.extend(v.node for v in node.inputs)
-    plan.nodes = [n for n in graph.walk() if id(n) in needed]
+    plan.nodes = [n for n in order if id(n) in needed]
     return plan
-
-
-def _read_by_staying(node_or_value, folding: set[int]) -> bool:
-    values = getattr(node_or_value, "outputs", (node_or_value,))
-    return any(user is None or id(user) not in folding for v in values for user, _ in v.uses)
 
 
 def _is_expander(node) -> bool:
@@ -206,15 +206,14 @@ def _rewrite(plan: _Plan, results) -> Counter:
         constant = node.graph.constant(result, value.type.dtype, value.type.weak_type, before=node,
                                        provenance=node.provenance.derived("fold_constants"))
         node.graph.replace_all_uses(value, constant)
-    # Erase what is now unused, users before producers: folded nodes, and the constants and lazy
-    # nodes only they read.
-    for node in reversed(plan.nodes):
-        if not node.effects and not any(v.uses for v in node.outputs):
+    # Erase, readers before producers, what is now unused.
+    for node in reversed(plan.gone):
+        if not any(v.uses for v in node.outputs):
             node.graph.erase(node)
             fired["folded-node" if node.op is not CONSTANT else "dead-constant"] += 1
     return fired + _kept_lazy(plan)
 
 
 def _kept_lazy(plan: _Plan) -> Counter:
-    kept = sum(1 for node in plan.lazy if node.graph is not None)
+    kept = sum(1 for node in plan.kept if node.graph is not None)
     return Counter({"kept-lazy": kept} if kept else {})

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,7 @@ import numpy as np
 import pytest
 
 import graphopt
-from graphopt.testing import assert_equivalent
+from graphopt.testing import assert_equivalent, primitive_counts
 # tests/models/: pytest puts tests/ (no __init__.py) on sys.path.
 from models import ModelCase, all_models, is_float_tree
 
@@ -91,17 +90,6 @@ def _float_leaf(x) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _jaxpr_primitives(jaxpr) -> Iterator[str]:
-    """Primitive names of ``jaxpr`` and every jaxpr nested in its params."""
-    for eqn in jaxpr.eqns:
-        yield eqn.primitive.name
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                if hasattr(inner, "eqns"):
-                    yield from _jaxpr_primitives(inner)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_graph_structure(name):
     case, graph, _ = prepared(name)
@@ -120,11 +108,10 @@ def test_graph_structure(name):
 
     # Every control-flow / custom-derivative primitive of the original program
     # (after inlining its nested jits) is one region op in the graph.
-    original = collections.Counter(
-        PRIMITIVE_TO_REGION_OP[p]
-        for p in _jaxpr_primitives(jax.make_jaxpr(case.fn)(*case.args).jaxpr)
-        if p in PRIMITIVE_TO_REGION_OP
-    )
+    original = collections.Counter()
+    for p, count in primitive_counts(case.fn, *case.args).items():
+        if p in PRIMITIVE_TO_REGION_OP:
+            original[PRIMITIVE_TO_REGION_OP[p]] += count
     traced = collections.Counter(op for op in ops if op in REGION_OPS)
     assert traced == original, f"{name}: region ops {dict(traced)} != original {dict(original)}"
 
