@@ -2,13 +2,14 @@
 
 Usage:
     python benchmarks/trace_cost.py [--layers 12 48 96] [--repeats 3] [--json out.json] [--markdown]
+    python benchmarks/trace_cost.py --from-json out.json --markdown   # tables of an earlier run
 
 Method
 ------
 The model is graphopt's bundled demo transformer (`graphopt.demo`), whose layers are a Python loop,
 so the traced program grows linearly with depth. It is measured at several depths (default 12, 48
 and 96 layers) with a small width (64) and sequence (32): XLA's compile time depends mostly on the
-number of operations, not on tensor sizes, and a 96-layer model then compiles in about 15 s on a
+number of operations, not on tensor sizes, and a 96-layer model then takes 10–15 s to compile on a
 2-core CPU, so a full run takes a few minutes. Both paths compile for the default JAX backend.
 
 For each depth, two paths from a Python model to an XLA executable are timed:
@@ -36,8 +37,8 @@ as a fraction of the median baseline total, and per layer; a least-squares line 
 (layers, overhead) shows whether it grows linearly with depth. The subtraction carries the noise
 of the XLA compile (most of the total), so the stages that exist only on graphopt's path
 (conversion, pipeline, parameter prep, replay: "graphopt-only stages") are also reported as a
-direct, low-noise estimate of graphopt's own work. (graphopt's make_jaxpr, StableHLO lowering and XLA compile do
-the same work as the baseline's trace, lower and compile.)
+direct, low-noise estimate of graphopt's own work. (graphopt's make_jaxpr, StableHLO lowering and
+XLA compile do the same work as the baseline's trace, lower and compile, on an unchanged graph.)
 
 Nothing is served from a cache: before every timed run `jax.clear_caches()` empties JAX's tracing,
 lowering and compilation caches, every run builds fresh `jax.jit` objects, and the persistent
@@ -403,15 +404,16 @@ def fit_line(result: dict) -> str:
                        ("wall_graphopt_only_s", "wall graphopt-only stages"),
                        ("cpu_graphopt_only_s", "CPU graphopt-only stages")):
         f = fits[key]
-        parts.append(f"{label} ≈ {f['intercept_s']:+.2f} s + {f['slope_ms_per_layer']:.1f} ms × layers "
-                     f"(R² {f['r2']:.3f})")
+        parts.append(f"{label} {f['slope_ms_per_layer']:+.1f} ms per layer, intercept "
+                     f"{f['intercept_s']:+.2f} s (R² {f['r2']:.3f})")
     return "Least-squares fit over depths: " + "; ".join(parts)
 
 
 def same_program_line(result: dict) -> str:
     flags = {size["layers"]: size["same_program"] for size in result["sizes"]}
     if all(flags.values()):
-        return "Both paths compiled the same XLA program (HLO instruction counts per opcode) at every depth."
+        return ("Both paths compiled the same XLA program (HLO instruction counts per opcode) at "
+                "every depth.")
     differing = ", ".join(str(k) for k, v in flags.items() if not v)
     return (f"The compiled XLA programs differ (HLO instruction counts per opcode) at {differing} "
             "layers: expected if the pipeline rewrites the graph, a bug in lowering if not.")
@@ -429,7 +431,7 @@ def machine_line(result: dict) -> str:
             f"{m['date']}, load average (1/5/15 min) {_load(m['load_average_at_start'])} at start, "
             f"{_load(m['load_average'])} at end; model width {c['width']}, heads {c['heads']}, "
             f"seq {c['seq']}, batch {c['batch']}, vocab {c['vocab']}; pipeline {c['pipeline']!r}; "
-            f"{c['repeats']} repetitions")
+            f"{c['repeats']} repetition{'s' if c['repeats'] != 1 else ''}")
 
 
 _CLOCK_NAMES = {"wall": "wall-clock", "cpu": "CPU (process time, all threads)"}
@@ -466,8 +468,8 @@ def markdown(result: dict) -> str:
         f"Command: `{result['config']['command']}`", "",
         "Seconds, median (min–max) over repetitions. Overhead = graphopt total − baseline total, "
         "per repetition. graphopt-only stages = convert + pipeline + param prep + replay, the "
-        "stages the baseline does not have. Graph nodes: as traced, regions included (after the pipeline, "
-        "in parentheses, where it changed them).", "",
+        "stages the baseline does not have. Graph nodes: as traced, regions included (after the "
+        "pipeline, in parentheses, where it changed them).", "",
         "Wall-clock:", "",
         table(SUMMARY_HEADER, summary_rows(result, "wall")), "",
         "CPU time of the process (all threads; less disturbed by other load on the machine):", "",
@@ -492,6 +494,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pipeline", default="default")
     parser.add_argument("--json", metavar="PATH", help="also write all figures, raw times included")
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="measure nothing: print the tables of a file written by --json")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -501,9 +505,13 @@ def main(argv=None) -> dict:
     console = Console()
     if not console.is_terminal:  # redirected: don't squeeze the tables to 80 columns
         console = Console(width=220)
-    result = benchmark(args, progress=lambda line: console.print(line, style="dim"))
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+    else:
+        result = benchmark(args, progress=lambda line: console.print(line, style="dim"))
     print_console(result, console)
-    if args.json:
+    if args.json and not args.from_json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
         console.print(f"wrote {args.json}")

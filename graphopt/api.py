@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from graphopt.frameworks import adapt
-from graphopt.ir import Graph
+from graphopt.ir import Graph, gc_paused
 from graphopt.lowering.emit import lower
 from graphopt.pipeline import PipelineSpec, resolve, run_pipeline
 from graphopt.trace import trace

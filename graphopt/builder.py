@@ -47,13 +47,13 @@ class Builder:
         node = self.graph.add_node(op, inputs, params, provenance=self.provenance, before=self.before)
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
 
-    def const(self, value: Any, *, like: Value | None = None, dtype=None) -> Value:
-        """A constant; a Python scalar with `like` gets like's dtype and is broadcast to nothing
-        (binary primitives accept a scalar operand of the same dtype)."""
+    def const(self, value: Any, *, like: Value | None = None, dtype=None, weak_type: bool = False) -> Value:
+        """A constant of `dtype` (default: like's dtype). A scalar constant is a valid operand of
+        binary primitives whatever the other operand's shape; `weak_type` as JAX's literals."""
         if dtype is None and like is not None:
             dtype = like.type.dtype
         array = np.asarray(value, dtype=dtype)
-        return self.graph.constant(array, array.dtype, before=self.before, provenance=self.provenance)
+        return self.graph.constant(array, array.dtype, weak_type, before=self.before, provenance=self.provenance)
 
     def jax(self, fn: Callable, *inputs: Value, **static) -> Value | list[Value]:
         """Trace `fn(*inputs, **static)` with JAX on the inputs' types and inline it here."""

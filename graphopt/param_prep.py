@@ -47,13 +47,29 @@ class ParamPrep:
         flat, tree = jax.tree_util.tree_flatten(args)
         if tree != self.original_in_tree:
             raise SignatureError(f"expected arguments structured as {self.original_in_tree}, got {tree}")
+        leaves = [flat[i] for i in self.param_leaf_indices]
+        # Parameters the prep passes through unchanged are taken as they are, not copied by XLA.
+        passed = {id(a): a.index for a in self.graph.inputs}
+        computed = [v for v in self.graph.outputs if id(v) not in passed]
+        results = iter(self._compiled_fn()(*leaves) if computed else ())
+        return {key: leaves[passed[id(v)]] if id(v) in passed else next(results)
+                for key, v in zip(self.keys, self.graph.outputs)}
+
+    def _compiled_fn(self):
+        """The prep graph, without its pass-through outputs, jitted once."""
         fn = self._compiled.get("fn")
         if fn is None:
-            from graphopt.lowering.emit import lower
+            from graphopt.lowering.emit import evaluate
 
-            fn = self._compiled["fn"] = jax.jit(lower(self.graph).flat)
-        outs = fn(*[flat[i] for i in self.param_leaf_indices])
-        return dict(zip(self.keys, outs))
+            inputs = {id(a) for a in self.graph.inputs}
+            computed = [i for i, v in enumerate(self.graph.outputs) if id(v) not in inputs]
+
+            def prep(*leaves):
+                outs = evaluate(self.graph, leaves)
+                return [outs[i] for i in computed]
+
+            fn = self._compiled["fn"] = jax.jit(prep)
+        return fn
 
     def __call__(self, *args) -> tuple:
         """The optimized graph's arguments from the traced function's arguments."""

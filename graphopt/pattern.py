@@ -85,11 +85,12 @@ class Const(Pattern):
             return _fail(why, f"expected a constant, got {_describe(value)}")
         if not _type_ok(self, value, why):
             return False
-        array = np.asarray(node.params["value"])
-        if self.value is not None and not _same_scalar(array, self.value):
-            return _fail(why, f"constant {array!r} is not {self.value!r}")
-        if self.where is not None and not self.where(array):
-            return _fail(why, f"constant {array!r} fails its condition")
+        if self.value is not None or self.where is not None:  # only then read it (host copy)
+            array = np.asarray(node.params["value"])
+            if self.value is not None and not _same_scalar(array, self.value):
+                return _fail(why, f"constant {array!r} is not {self.value!r}")
+            if self.where is not None and not self.where(array):
+                return _fail(why, f"constant {array!r} fails its condition")
         return _bind(self.name, value, captures, why)
 
 
@@ -157,13 +158,13 @@ class Op(Pattern):
 
 @dataclasses.dataclass
 class Rule:
-    """A named rewrite. `where(captures)` is an extra condition over all captures."""
+    """A named rewrite. `where(captures)` is an extra condition over all captures (the matched
+    root value is `captures["_root"]`)."""
 
     name: str
     pattern: Op
     replacement: Callable[..., Any]
     where: Callable[[dict], bool] | None = None
-    contract: str = "exact"
 
     def __post_init__(self):
         if not isinstance(self.pattern, Op):
@@ -174,8 +175,8 @@ class Rule:
         for value in node.outputs:
             captures: dict = {}
             if self.pattern.match(value, captures, why):
+                captures.setdefault("_root", value)
                 if self.where is None or self.where(captures):
-                    captures.setdefault("_root", value)
                     return captures
                 _fail(why, "the rule's `where` condition is false")
         return None

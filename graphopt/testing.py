@@ -36,7 +36,7 @@ from graphopt.testing_programs import OP_FAMILIES, Program, arrays, programs
 
 __all__ = [
     "TOLERANCES", "tolerance", "assert_equivalent", "equivalence_check", "primitives",
-    "programs", "arrays", "Program", "OP_FAMILIES",
+    "primitive_counts", "programs", "arrays", "Program", "OP_FAMILIES",
 ]
 
 # (rtol, atol) per dtype. Roughly "a few ulps after a handful of roundings":

@@ -26,6 +26,8 @@ _SHORT_NAMES = {
 }
 
 
+_INTERNED: dict = {}
+
 _SUB_BYTE_BITS = {"int4": 4, "uint4": 4, "int2": 2, "uint2": 2, "float4_e2m1fn": 4}
 
 
@@ -49,7 +51,7 @@ class TensorType:
         object.__setattr__(self, "dtype", dtype if _is_extended(dtype) else np.dtype(dtype))
         object.__setattr__(self, "weak_type", bool(weak_type))
         object.__setattr__(self, "_aval", None)
-        object.__setattr__(self, "_hash", hash((self.shape, str(self.dtype), self.weak_type)))
+        object.__setattr__(self, "_hash", hash((self.shape, self.dtype, self.weak_type)))
         object.__setattr__(self, "_size", math.prod(self.shape))
         object.__setattr__(self, "_nbytes", None)
 
@@ -58,8 +60,15 @@ class TensorType:
 
     @classmethod
     def of_aval(cls, aval) -> "TensorType":
-        """From a JAX aval (ShapedArray) or anything with .shape and .dtype."""
-        return cls(aval.shape, aval.dtype, getattr(aval, "weak_type", False))
+        """From a JAX aval (ShapedArray) or anything with .shape and .dtype (interned: a traced
+        model has thousands of values but a few dozen distinct types)."""
+        key = (aval.shape, aval.dtype, getattr(aval, "weak_type", False))
+        interned = _INTERNED.get(key)
+        if interned is None:
+            if len(_INTERNED) > 65536:
+                _INTERNED.clear()
+            interned = _INTERNED[key] = cls(*key)
+        return interned
 
     @classmethod
     def of_array(cls, array) -> "TensorType":

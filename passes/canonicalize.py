@@ -1,27 +1,34 @@
 """canonicalize: one spelling for equivalent forms, so later rules need one pattern, not many.
 
-    %1 = mul 2.0, %x                          %1 = mul %x, 2.0
-    %2 = sub %1, 1.0                          %2 = add %1, -1.0
-    %3 = div %2, 4.0                   →      %3 = mul %2, 0.25
-    %4 = transpose[(1,0)] %w                  %4 = dot_general[((1),(0))] %x, %w
-    %5 = transpose[(1,0)] %x
-    %6 = dot_general[((1),(0))] %4, %5        (every einsum spelling of x @ w)
-    %7 = transpose[(1,0)] %6
+    %0 = mul 2.0, %x                                  %0 = mul %x, 2.0
+    %1 = sub %0, 1.0                                  %1 = add %0, -1.0
+    %2 = div %1, 4.0                                  %2 = mul %1, 0.25
+    %3 = broadcast_in_dim[shape=(4,6)] 3.0      →     %3 = mul %2, 3.0
+    %4 = mul %2, %3                                   return %3
+    %5 = neg %4
+    %6 = neg %5
+    %7 = broadcast_in_dim[shape=(1,4,6)] %6
+    %8 = squeeze[dimensions=(0,)] %7
+    return %8
 
 Canonical forms: constants (then scalars) on the right of commutative ops; subtracting a constant
-is adding its negation; dividing by a power of two is multiplying by its reciprocal; squeeze and
-size-1 expand_dims are reshapes; chains of reshapes, transposes and widening converts collapse;
-a dot_general reads its operands untransposed and produces its natural output order; identities
-(`x + -0.0`, `x * 1`, `neg(neg(x))`, identity converts/reshapes/transposes, copies) disappear.
+is adding its negation; dividing by a power of two is multiplying by its reciprocal; a broadcast
+scalar operand is the scalar; squeeze and expand_dims are reshapes; chains of reshapes,
+transposes, broadcasts of a scalar and widening converts collapse; identities (`x + -0.0`,
+`x * 1`, `neg(neg(x))`, identity converts, reshapes and transposes, copies) disappear.
 
-Every rule is bit-exact under IEEE arithmetic, NaN, ±Inf, −0 and subnormals included; each says
-why next to it. Rules that look right but are not stay out: `x + 0.0 → x` (−0 + 0 = +0), `x / 3
-→ x * (1/3)` (1/3 rounds), narrowing or int→float→int convert chains (rounding, saturation),
-`x * (1+0j) → x` (Inf·0 = NaN in the imaginary part). Trade-off: a dot_general whose operands
-were transposed now has other dimension numbers, which XLA folds the same way it folds the
-transposes; its summation order is the backend's business either way.
+Every rule gives bit-identical results, NaN, ±Inf, −0 and subnormals included; each says why next
+to it. Look-alikes that are not exact stay out: `x + 0.0 → x` (−0 + 0 = +0), `x / 3 → x * (1/3)`
+(1/3 rounds), `x / 2^-127` (a subnormal divisor is flushed to 0 by XLA:CPU), narrowing or
+int→float→int convert chains (double rounding; float→int saturates where int→int wraps), and
+`z * (1+0j) → z` (Inf·0 = NaN in the imaginary part).
 
-Contract: exact.
+`dots=True` adds DOT_RULES: a dot_general absorbs transposes of its operands and of its result,
+so `x @ w`, `einsum("ji,jk->ik", x.T, w)` and `(w.T @ x.T).T` become one dot_general. Same products,
+but XLA chooses its kernel, and so the summation order, by the dimension numbers: results can
+differ in the last bit (XLA:CPU, a 1×1000 @ 1000×3 matmul). Hence opt-in.
+
+Contract: exact (bit for bit; with dots=True, up to the order of dot_general sums).
 """
 
 from __future__ import annotations
@@ -91,7 +98,8 @@ def _is_constant(value) -> bool:
 def _is_additive_identity(c) -> bool:
     """−0.0 for floats (x + −0 = x for every x; +0 would turn −0 into +0), 0 for integers."""
     if _is_float(c.dtype):
-        return bool(np.all(c.astype(np.float64) == 0) and np.all(np.signbit(c.astype(np.float64))))
+        wide = c.astype(np.float64)
+        return bool(np.all(wide == 0) and np.all(np.signbit(wide)))
     return _is_int(c.dtype) and bool(np.all(c == 0))
 
 
@@ -108,7 +116,9 @@ def _has_exact_reciprocal(c) -> bool:
         return False
     wide = c.astype(np.float64)
     tiny = float(jnp.finfo(c.dtype).tiny)
-    if not np.all(np.isfinite(wide) & (np.abs(wide) >= tiny)) or np.any(np.abs(np.frexp(wide)[0]) != 0.5):
+    if not np.all(np.isfinite(wide) & (np.abs(wide) >= tiny)):
+        return False
+    if np.any(np.abs(np.frexp(wide)[0]) != 0.5):  # not a power of two
         return False
     with np.errstate(over="ignore"):
         inverse = 1.0 / wide
@@ -148,13 +158,24 @@ def _same_type(name: str):
     return lambda c: c[name].type == c["out"].type
 
 
+def _same_shape(name: str):
+    return lambda c: c[name].type.shape == c["out"].type.shape
+
+
+def _unsharded(*names: str):
+    """The named values' nodes carry no sharding (a rewrite would have to move it)."""
+    return lambda c: all(c[n].node.params.get("sharding") is None for n in names)
+
+
 def _rightness(value) -> int:
     """Operand order of commutative ops: constants last, then scalars, then everything else."""
     return 2 if _is_constant(value) else 1 if value.type.shape == () else 0
 
 
 def _belongs_on_the_right(c) -> bool:
-    complex_ = jnp.issubdtype(c["x"].type.dtype, jnp.complexfloating)  # FMA-contracted complex mul
+    # Not complex: with FMA contraction a complex product rounds one of its partial products
+    # first, and which one depends on the operand order.
+    complex_ = jnp.issubdtype(c["x"].type.dtype, jnp.complexfloating)
     return not complex_ and _rightness(c["x"]) > _rightness(c["y"])
 
 
@@ -163,7 +184,9 @@ def _is_unit_dim_insertion(c) -> bool:
     (A scalar's broadcast stays one, for `canonicalize/splat` and `canonicalize/scalar-operand`.)"""
     params, shape = c["out"].node.params, c["x"].type.shape
     dims, out = tuple(params["broadcast_dimensions"]), c["out"].type.shape
-    return (shape != () and list(dims) == sorted(dims) and all(out[d] == n for d, n in zip(dims, shape))
+    if shape == () or params.get("sharding") is not None or list(dims) != sorted(dims):
+        return False
+    return (all(out[d] == n for d, n in zip(dims, shape))
             and all(out[d] == 1 for d in range(len(out)) if d not in dims))
 
 
@@ -200,8 +223,9 @@ def _swap_operands(b, x, y, out):
 
 
 def _scalar_operand(b, x, s, bc, out):
-    node = out.node
-    return b.op(node.op, *[s if v is bc else v for v in node.inputs], **node.params)
+    inputs = list(out.node.inputs)
+    inputs[1 if inputs[1] is bc else 0] = s  # one operand: x may be the same broadcast
+    return b.op(out.node.op, *inputs, **out.node.params)
 
 
 def _convert_direct(b, x, mid, out):
@@ -213,7 +237,7 @@ def _convert_before_broadcast(b, x, bc, out):
     return b.op("broadcast_in_dim", converted, **bc.node.params)
 
 
-def _strong_constant(b, c, out):
+def _retyped_constant(b, c, out):
     return _constant_like(b, c.node.params["value"], out)  # the same array object, not a copy
 
 
@@ -261,13 +285,13 @@ def _dot_swapped(b, lhs, rhs, dot, out):
     nl = lhs.type.ndim - len(lc) - nb
     nr = rhs.type.ndim - len(rc) - nb
     swapped = (*range(nb), *range(nb + nl, nb + nl + nr), *range(nb, nb + nl))
-    precision = params["precision"]
-    if tuple(out.node.params["permutation"]) != swapped or not (
-            precision is None or isinstance(precision, jax.lax.Precision)
-            or (isinstance(precision, tuple) and len(precision) == 2)):
+    if tuple(out.node.params["permutation"]) != swapped or params.get("out_sharding") is not None:
         return None
-    if isinstance(precision, tuple):
-        precision = precision[::-1]
+    precision = params["precision"]
+    if isinstance(precision, tuple) and len(precision) == 2:
+        precision = precision[::-1]  # (lhs, rhs) precisions follow their operands
+    elif not (precision is None or isinstance(precision, jax.lax.Precision)):
+        return None  # a DotAlgorithm may treat lhs and rhs differently
     new = b.op("dot_general", rhs, lhs, **{**params, "dimension_numbers": ((rc, lc), (rb, lb)),
                                             "precision": precision})
     return new if new.type == out.type else None
@@ -275,7 +299,7 @@ def _dot_swapped(b, lhs, rhs, dot, out):
 
 # --- the rules -----------------------------------------------------------------------------------
 
-x, y, s = Var("x"), Var("y"), Var("s")
+x, y = Var("x"), Var("y")
 BINARY = frozenset({"add", "sub", "mul", "div", "rem", "pow", "max", "min", "atan2", "nextafter",
                     "and", "or", "xor", "eq", "ne", "lt", "le", "gt", "ge"})
 # Commuting is bit-exact for these: IEEE add/mul round the same real number, XLA's max/min order
@@ -308,7 +332,7 @@ CANONICAL_RULES = [
     # operand; the replacement keeps the operand order.
     Rule("canonicalize/scalar-operand",
          Op(BINARY, x, Op("broadcast_in_dim", Var("s", shape=()), name="bc"), commutative=True,
-            name="out"), _scalar_operand),
+            name="out"), _scalar_operand, where=_same_shape("x")),
     # Converts: identity converts vanish; a widening step before a convert is skipped; converting
     # before broadcasting converts the same values, fewer of them; a convert that only makes a
     # constant strongly typed is that constant.
@@ -317,13 +341,14 @@ CANONICAL_RULES = [
          _convert_direct, where=_convert_chain_is_exact),
     Rule("canonicalize/convert-before-broadcast",
          Op(CONVERT, Op("broadcast_in_dim", x, single_use=True, name="bc"), name="out"),
-         _convert_before_broadcast),
+         _convert_before_broadcast, where=_unsharded("out")),
     Rule("canonicalize/convert-constant", Op(CONVERT, Op("constant", name="c"), name="out"),
-         _strong_constant, where=lambda c: c["c"].type.strong() == c["out"].type.strong()),
+         _retyped_constant, where=lambda c: c["c"].type.strong() == c["out"].type.strong()),
     # Shapes: a reshaped or broadcast splat of a scalar is a splat; squeeze and expand_dims of a
     # non-scalar are reshapes (row-major order unchanged); reshape and transpose chains compose;
     # identities vanish. Pure data movement, so exact.
-    Rule("canonicalize/splat", Op(SHAPE_OPS, Op(SHAPE_OPS, Var("s", shape=())), name="out"), _splat),
+    Rule("canonicalize/splat", Op(SHAPE_OPS, Op(SHAPE_OPS, Var("s", shape=())), name="out"), _splat,
+         where=_unsharded("out")),
     Rule("canonicalize/squeeze-to-reshape", Op("squeeze", x, name="out"), _reshape_to),
     Rule("canonicalize/expand-dims-to-reshape", Op("broadcast_in_dim", x, name="out"), _reshape_to,
          where=_is_unit_dim_insertion),

@@ -148,8 +148,11 @@ class _Content:
 
     def __init__(self, array: np.ndarray):
         self.array = np.ascontiguousarray(array)
-        digest = hashlib.blake2b(self.array.view(np.uint8).reshape(-1), digest_size=16).digest()
+        digest = hashlib.blake2b(self._bytes(), digest_size=16).digest()
         self._hash = hash((self.array.dtype.str, self.array.shape, digest))
+
+    def _bytes(self) -> np.ndarray:
+        return self.array.reshape(-1).view(np.uint8)
 
     def __hash__(self):
         return self._hash
@@ -157,7 +160,7 @@ class _Content:
     def __eq__(self, other):
         return (isinstance(other, _Content) and self._hash == other._hash
                 and self.array.dtype == other.array.dtype and self.array.shape == other.array.shape
-                and self.array.tobytes() == other.array.tobytes())
+                and np.array_equal(self._bytes(), other._bytes()))
 
 
 def _array_key(value):

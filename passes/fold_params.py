@@ -64,23 +64,30 @@ def _param_derived(graph) -> dict:
     return derived
 
 
-def _frontier(graph, derived, max_growth) -> list:
-    """Derived node outputs read by non-derived nodes or returned, small enough to materialize.
+# Layout changes XLA performs for free (a bitcast of the buffer): precomputing them gains nothing.
+_FREE_LAYOUT = frozenset({"reshape", "squeeze", "expand_dims"})
 
-    A value too large to materialize keeps its node in the graph, which makes that node's
-    derived inputs the frontier instead; repeat until stable.
+
+def _frontier(graph, derived, max_growth) -> list:
+    """Derived node outputs read by non-derived nodes or returned, worth materializing.
+
+    A value too large to materialize, or a free layout change of a parameter, keeps its node in
+    the graph, which makes that node's derived inputs the frontier instead; repeat until stable.
     """
     while True:
-        frontier, too_big = [], []
+        frontier, keep = [], []
         for value, source_bytes in list(derived.values()):
             if value.node is None:
                 continue  # an original parameter: already an input
             if not _read_outside(value, derived):
                 continue
-            (too_big if value.type.nbytes > max_growth * source_bytes else frontier).append(value)
-        if not too_big:
+            too_big = value.type.nbytes > max_growth * source_bytes
+            free = value.node.op.name in _FREE_LAYOUT and all(v.node is None for v in value.node.inputs
+                                                             if id(v) in derived)
+            (keep if too_big or free else frontier).append(value)
+        if not keep:
             return frontier
-        for value in too_big:
+        for value in keep:
             for out in value.node.outputs:
                 derived.pop(id(out), None)
         _drop_orphans(derived)

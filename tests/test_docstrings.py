@@ -7,10 +7,14 @@ import pkgutil
 import pytest
 
 import graphopt
+import graphopt.lowering
+import graphopt.passes
 
-MODULES = sorted(
-    name for _, name, _ in pkgutil.walk_packages(graphopt.__path__, "graphopt.")
-) + ["graphopt", "graphopt.lowering.emit", "graphopt.lowering.export"]
+MODULES = ["graphopt"] + [
+    name
+    for package in (graphopt, graphopt.lowering, graphopt.passes)
+    for _, name, _ in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+]
 
 
 @pytest.mark.parametrize("name", sorted(set(MODULES)))

@@ -142,7 +142,7 @@ def test_message_names_path_count_index_and_values():
 
 def test_equivalence_check_passes_for_a_faithful_roundtrip():
     graph = equivalence_check(lambda w, x: jnp.tanh(x @ w), jnp.ones((4, 2)), jnp.arange(4.0),
-                              params_argnums=(0,))
+                              params_argnums=0)
     assert [a.role for a in graph.inputs] == ["param", "input"]
     equivalence_check(lambda x, n: x * n, jnp.arange(3.0), 3, static_argnums=1)
 

@@ -14,11 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
 
 import graphopt
 from graphopt.builder import Builder
 from graphopt.errors import SignatureError, ValidationError, ValidationWarning
+from graphopt.frameworks import adapt
 from graphopt.pipeline import EXACT, PASSES, PIPELINES, approximate, register_pass, run_pipeline
+from graphopt.testing import programs
 from graphopt.validate import Validator, bisect, compare
 
 
@@ -117,6 +121,19 @@ def test_bisect_takes_a_graph_and_leaves_it_alone(exp_to_exp2):
     before = str(graph)
     assert bisect(graph, pipeline=[exp_to_exp2]).pass_name == exp_to_exp2
     assert str(graph) == before
+
+
+def test_bisect_names_a_pass_that_makes_an_invalid_graph(register):
+    @register("test_out_of_order")
+    def out_of_order(graph, ctx):  # reads the last node's result before the first node: not SSA
+        last, first = list(graph.nodes)[-1], next(graph.nodes)
+        b = Builder(graph, before=first, made_by=ctx.name)
+        graph.set_outputs([*graph.outputs, b.op("neg", last.output)])
+        return graph
+
+    result = bisect(model, X, pipeline=["dce", "test_out_of_order"])
+    assert result.pass_name == "test_out_of_order" and result.error is None
+    assert "made an invalid graph" in result.report
 
 
 def test_bisect_of_a_correct_pipeline_names_no_pass():
@@ -220,6 +237,32 @@ def test_builtin_pipeline_on_a_model_with_params_validates_every_pass():
         assert not any(note.startswith("not validated") for note in record.notes), record.notes
     if "fold_params" in pipeline:
         assert result.graph.prep is not None  # validated through the prep graph
+
+
+@pytest.fixture(scope="module")
+def copy_outputs():
+    """A right pass that changes the graph: every output goes through a `copy`."""
+    def copy_outputs(graph, ctx):
+        b = Builder(graph, made_by=ctx.name)
+        graph.set_outputs([b.op("copy", v) for v in graph.outputs])
+        return graph
+
+    register_pass("test_copy_outputs")(copy_outputs)
+    yield "test_copy_outputs"
+    PASSES.pop("test_copy_outputs", None)
+
+
+@settings(max_examples=max(5, settings().max_examples // 5))
+@given(program=programs(), data=st.data())
+def test_right_passes_are_accepted_on_random_programs(copy_outputs, program, data):
+    """No false alarms: regions, weak scalars, bools, size-0 arrays, NaN/±Inf/−0 inputs, params
+    moved into a prep graph by fold_params."""
+    params = data.draw(st.sampled_from([None, (0,)]), "params_argnums")
+    graph = graphopt.trace(program, *program.args, params_argnums=params)
+    note(str(graph))
+    validator = Validator([adapt(program, program.args, params).args], on_mismatch="raise")
+    result = run_pipeline(graph, ["fold_params", copy_outputs], validator=validator)
+    assert result.report.records[-1].error is not None
 
 
 def test_user_inputs_of_the_wrong_signature_are_refused():

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from jax import lax
 
 import graphopt
 from graphopt.pipeline import run_pipeline
-from graphopt.testing import assert_equivalent
+from graphopt.testing import assert_equivalent, programs
 from graphopt.passes.canonicalize import CANONICAL_RULES, DOT_RULES
 
 F32 = np.float32
@@ -119,8 +120,9 @@ def test_integer_and_bool_operands_move_right():
 
 def test_subtracting_a_constant_adds_its_negation():
     graph, _ = canonical(lambda x, i: (x - 1.5, x - (-0.0), x - 0.0, i - 7), X, I)
-    assert ops(graph) == ["add", "add", "add"]
-    assert sorted(constants(graph), key=str) == sorted([-1.5, 0.0, -7], key=str)
+    assert ops(graph) == ["add", "add", "add"]  # x − 0.0 = x + −0.0 = x
+    added = [n.inputs[1].node.params["value"] for n in graph.nodes if n.op.name == "add"]
+    assert [(float(c), bool(np.signbit(c))) for c in added] == [(-1.5, True), (0.0, False), (-7, True)]
 
 
 def test_division_by_powers_of_two_becomes_multiplication():
@@ -139,6 +141,9 @@ def test_broadcast_scalars_become_scalar_operands():
     assert ops(graph) == ["add", "sub"]
     assert fired["canonicalize/scalar-operand"] == 4 and fired["canonicalize/splat"] == 1
     assert [v.type.shape for v in list(graph.nodes)[-1].inputs] == [(), (4, 6)]
+    # Both operands the same broadcast: only one of them can become the scalar.
+    graph, fired = canonical(lambda s: lax.ne(*2 * [jnp.broadcast_to(s, (3,))]), S)
+    assert ops(graph) == ["broadcast_in_dim", "ne"] and fired["canonicalize/scalar-operand"] == 1
 
 
 def test_real_broadcasts_stay():
@@ -237,7 +242,8 @@ def test_batched_attention_scores_drop_their_transposes():
 
 
 def test_dots_are_left_alone_by_default():
-    # XLA:CPU sums this matrix-vector product in another order once the transpose is absorbed.
+    # With dots=True the transpose is absorbed, and XLA:CPU (jaxlib 0.10) then sums this
+    # matrix-vector product in another order: 3 of 3 results differ in the last bits (also 0.12).
     rng = np.random.default_rng(4)
     x, w = rng.standard_normal((1, 1000), F32), rng.standard_normal((3, 1000), F32)
     graph, fired = canonical(lambda x, w: x @ w.T, x, w)
@@ -292,3 +298,27 @@ def test_rules_inside_regions():
     graph, fired = canonical(fn, X)
     assert fired["canonicalize/neg-neg"] == 1 and fired["canonicalize/div-power-of-two"] == 1
     assert "neg" not in ops(graph)
+
+
+def test_types_are_kept():
+    # A weakly typed x plus a strong −0 is strong: dropping the add would change the type.
+    graph, fired = canonical(lambda x: lax.add(x, np.float32(-0.0)), 1.5)
+    assert graph.inputs[0].type.weak_type and not graph.outputs[0].type.weak_type
+    assert ops(graph) == ["add"] and not fired
+    # A weakly typed constant stays weakly typed when negated.
+    graph, fired = canonical(lambda x: x - 1.0, 1.5)
+    assert ops(graph) == ["add"] and fired["canonicalize/sub-constant"] == 1
+    assert all(v.type.weak_type for v in list(graph.nodes)[-1].inputs)
+    # Broadcasting (1, 6) against (4, 6) needs the broadcast scalar's shape.
+    graph, fired = canonical(lambda x: lax.mul(x[:1], jnp.broadcast_to(2.0, x.shape)), X)
+    assert ops(graph) == ["slice", "broadcast_in_dim", "mul"] and not fired
+
+
+@settings(max_examples=20)
+@given(programs())
+def test_random_programs_keep_their_bits(program):
+    graph = graphopt.trace(program, *program.args)
+    result = run_pipeline(graph, ["canonicalize", "dce"], debug=True)
+    expected = jax.jit(program)(*program.args)
+    actual = jax.jit(graphopt.lower(result.graph))(*program.args)
+    assert_equivalent(actual, expected, exact=True, err_msg=f"{program}\n{result.graph}")

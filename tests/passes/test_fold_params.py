@@ -11,8 +11,15 @@ from graphopt.pipeline import run_pipeline
 from graphopt.testing import assert_equivalent
 
 
-def _weight_only_nodes(graph) -> int:
-    """Nodes computed from parameters and constants only (some parameter among them)."""
+FREE_LAYOUT = {"reshape", "squeeze", "expand_dims"}
+
+
+def _weight_only_nodes(graph, *, free_layout: bool = False) -> int:
+    """Nodes computed from parameters and constants only (some parameter among them).
+
+    `free_layout=False` leaves out reshapes of a parameter itself: XLA does those as a bitcast,
+    for free, so fold_params keeps them in the graph; every other weight-only node does work.
+    """
     derived = {id(a) for a in graph.params()}
     count = 0
     for node in graph.nodes:
@@ -20,7 +27,8 @@ def _weight_only_nodes(graph) -> int:
                         for v in node.inputs)
         if node.inputs and inputs_ok and any(id(v) in derived for v in node.inputs):
             derived.update(id(v) for v in node.outputs)
-            count += 1
+            is_free = node.op.name in FREE_LAYOUT and all(v.node is None for v in node.inputs)
+            count += free_layout or not is_free
     return count
 
 
@@ -62,9 +70,11 @@ def test_removes_every_weight_only_node_from_a_transformer_block():
     model, variables, x = _block()
     graph = graphopt.trace(model.apply, variables, x)
     before = _weight_only_nodes(graph)
-    assert before >= 10  # LoRA dot + add + scale, standardization, bias/scale reshapes...
+    free = _weight_only_nodes(graph, free_layout=True) - before
+    assert before >= 10 and free >= 4  # LoRA dot + add + scale, standardization; bias/scale reshapes
     result = run_pipeline(graph, ["fold_params"], debug=True)
     assert _weight_only_nodes(result.graph) == 0
+    assert _weight_only_nodes(result.graph, free_layout=True) == free  # reshapes of params stay
     assert result.report.records[0].fired["folded-node"] == before
     args = graphopt.prepare(result.graph, variables, x)
     assert_equivalent(jax.jit(graphopt.lower(result.graph))(*args), jax.jit(model.apply)(variables, x))
@@ -76,7 +86,9 @@ def test_users_arrays_are_never_modified_and_prep_runs_per_weights():
     model, variables, x = _block()
     snapshot = jax.tree_util.tree_map(np.array, variables)
     fast = graphopt.optimize(model.apply)
-    assert_equivalent(fast(variables, x), model.apply(variables, x))
+    # The prepared weights come from a separate XLA program (rounding of the standardization may
+    # differ in the last bits): equal within float32 rounding of reordered arithmetic.
+    assert_equivalent(fast(variables, x), model.apply(variables, x), rtol=1e-4, atol=1e-5)
     assert fast.graph.prep is not None
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, snapshot)
     # new weights (same signature): the prep runs again, the compiled graph is reused

@@ -55,7 +55,8 @@ def test_pass_keeps_results(name, program, data):
     actual = jax.jit(graphopt.lower(after))(*prepare(after, *args))
     contract = PASSES[name].contract
     if contract.kind == "exact":
-        assert_equivalent(actual, expected, exact=name in BITWISE, err_msg=f"pass {name!r} changed the results")
+        assert_equivalent(actual, expected, exact=name in BITWISE,
+                          err_msg=f"pass {name!r} changed the results")
         _assert_same_zero_signs(actual, expected, name)
     else:
         result = compare(jax.tree.leaves(actual), jax.tree.leaves(expected), contract)
