@@ -98,7 +98,10 @@ def run_demo(config: DemoConfig = DemoConfig(), pipeline: str = "default", conso
     from graphopt.param_prep import prepare
     from graphopt.pipeline import run_pipeline
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or captured: rich would assume 80 columns
+            console = Console(width=120)
     model, variables, tokens = demo_model(config)
     start = time.perf_counter()
     graph = graphopt.trace(model.apply, variables, tokens)

@@ -215,7 +215,8 @@ class Report:
         table = Table("pass", "contract", "nodes", "FLOPs", "bytes", "ms", "error", "rules fired",
                       title="graphopt pipeline", title_justify="left")
         for r in self.records:
-            rules = ", ".join(f"{k}×{v}" for k, v in r.fired.most_common(4))
+            # "canonicalize/neg-neg" is shown as "neg-neg" on the canonicalize row
+            rules = ", ".join(f"{k.removeprefix(r.name + '/')}×{v}" for k, v in r.fired.most_common(4))
             if len(r.fired) > 4:
                 rules += f", +{len(r.fired) - 4} more"
             error = "" if r.error is None else f"{r.error:.2g}"
