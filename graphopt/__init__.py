@@ -13,7 +13,8 @@ Example:
 
 from graphopt import control_flow as _control_flow  # noqa: F401  (registers region ops)
 from graphopt.api import Optimized, optimize
-from graphopt.errors import GraphError, GraphoptError, SignatureError, TraceError
+from graphopt.errors import (GraphError, GraphoptError, GraphoptWarning, SignatureError, TraceError,
+                             ValidationError, ValidationWarning)
 from graphopt.ir import Argument, Graph, Node, Provenance, Value
 from graphopt.lowering.emit import lower
 from graphopt.lowering.export import deserialize, export
@@ -21,11 +22,13 @@ from graphopt.param_prep import prepare
 from graphopt.pipeline import register_pass, run_pipeline
 from graphopt.trace import trace
 from graphopt.types import TensorType
+from graphopt.validate import BisectResult, Validator, bisect
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Argument", "Graph", "GraphError", "GraphoptError", "Node", "Optimized", "Provenance",
-    "SignatureError", "TensorType", "TraceError", "Value", "deserialize", "export", "lower",
-    "optimize", "prepare", "register_pass", "run_pipeline", "trace",
+    "Argument", "BisectResult", "Graph", "GraphError", "GraphoptError", "GraphoptWarning", "Node",
+    "Optimized", "Provenance", "SignatureError", "TensorType", "TraceError", "ValidationError",
+    "ValidationWarning", "Validator", "Value", "bisect", "deserialize", "export", "lower", "optimize",
+    "prepare", "register_pass", "run_pipeline", "trace",
 ]

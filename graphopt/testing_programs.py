@@ -145,7 +145,9 @@ class Program:
         self.__name__ = "program"  # so jax.jit & friends can name it
 
     def __call__(self, *xs):
-        env = jax.tree.leaves(xs)
+        # Under jit every leaf is already a tracer; called eagerly (or with some
+        # arguments closed over), Python scalars become weakly typed arrays here.
+        env = [x if hasattr(x, "dtype") else jnp.asarray(x) for x in jax.tree.leaves(xs)]
         for ins in self.instrs:
             operands = (a.value if isinstance(a, Lit) else env[a] for a in ins.args)
             env.append(ins.fn(*operands, **ins.params))

@@ -6,10 +6,12 @@
     return %3
 
 Two nodes compute the same thing when they have the same op, equal params, the same output types
-and the same inputs, by identity (after earlier merges, so chains collapse in one forward sweep:
-O(n) with a hash table per graph). The first node is kept and the uses of the later one move to
-it. Constants merge when dtype, weak type, shape and bits are equal: 0.0 and −0.0 stay apart,
-NaNs with identical bits merge.
+and the same inputs, by identity (after earlier merges, so chains collapse in one forward sweep).
+The first node is kept and the uses of the later one move to it. The sweep is O(n) with a hash
+table per graph (`ValueTable`), keyed by op and inputs; params are keyed, and compared, only
+when two nodes share both. Params compare by bits and type: 0.0 ≠ −0.0, 1 ≠ True ≠ 1.0. Constants
+merge when dtype, weak type, shape and bits are equal: 0.0 and −0.0 stay apart, NaNs with
+identical bits merge.
 
 What is never merged:
 - nodes with effects (callbacks, prints, ordered I/O) and `rng_uniform` (a stateful generator
@@ -69,14 +71,11 @@ def cse(graph, ctx):
 
 
 def _cse(graph, fired: Counter) -> None:
-    seen: dict = {}
+    table = ValueTable()
     for node in graph.nodes:
         for region in node.regions:
             _cse(region, fired)
-        key = _node_key(node)
-        if key is None:
-            continue
-        first = seen.setdefault(key, node)
+        first = table.first(node)
         if first is node:
             continue
         for old, new in zip(node.outputs, first.outputs):
@@ -85,18 +84,64 @@ def _cse(graph, fired: Counter) -> None:
         fired["merged-constant" if node.op is CONSTANT else "merged-node"] += 1
 
 
-def _node_key(node):
-    """A hashable key equal for nodes that compute the same values, or None: never merge."""
-    if node.effects or node.regions or node.op.name in NEVER_MERGED:
-        return None
+class ValueTable:
+    """Value numbering: finds the first node added that computes what a node computes.
+
+    Nodes are keyed by op, input identities and output types first; params are keyed only when
+    two nodes share those (most nodes never need it), so a sweep stays O(n) and cheap. Also used
+    by fold_constants to evaluate each distinct constant expression once.
+
+    Example:
+        >>> import graphopt, jax.numpy as jnp
+        >>> g = graphopt.trace(lambda x: jnp.sin(x) * jnp.sin(x), jnp.ones(3))
+        >>> table = ValueTable()
+        >>> [table.first(n) is n for n in g.nodes]
+        [True, False, True]
+    """
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def first(self, node, input_ids: tuple | None = None):
+        """The earlier node computing the same values as `node`, or `node` itself (now added).
+
+        `input_ids` stands for `node`'s inputs (ids of values) when the caller numbers values
+        without rewiring the graph.
+        """
+        op = node.op
+        if node.effects or node.regions or op.name in NEVER_MERGED:
+            return node
+        if op is CONSTANT:
+            try:
+                key = (CONSTANT, _constant_key(node.params["value"]), node.output.type)
+            except _Unkeyable:
+                return node
+            return self._entries.setdefault(key, node)
+        coarse = (op, tuple(map(id, node.inputs)) if input_ids is None else input_ids)
+        entry = self._entries.get(coarse)
+        if entry is None:  # the usual case: no other node reads these inputs with this op
+            self._entries[coarse] = node
+            return node
+        if not isinstance(entry, dict):  # a second candidate: key both by their params
+            entry, lone = {}, entry
+            lone_key = _params_key(lone.params)
+            if lone_key is not None:
+                entry[lone_key] = lone
+            self._entries[coarse] = entry
+        key = _params_key(node.params)
+        found = node if key is None else entry.setdefault(key, node)
+        # Same op, inputs and params give the same types; opaque ops' types come from the trace.
+        if found is not node and [v.type for v in found.outputs] != [v.type for v in node.outputs]:
+            return node
+        return found
+
+
+def _params_key(params: dict):
     try:
-        if node.op is CONSTANT:
-            return (CONSTANT, _constant_key(node.params["value"]), node.output.type)
-        key = (node.op, _param_key(node.params), tuple(map(id, node.inputs)),
-               tuple(v.type for v in node.outputs))
+        key = _param_key(params)
         hash(key)
         return key
-    except _Unkeyable:
+    except (_Unkeyable, TypeError):
         return None
 
 
@@ -104,27 +149,37 @@ class _Unkeyable(Exception):
     pass
 
 
+# Values whose Python equality is exact, keyed as (type, value): the type keeps True, 1 apart.
+_PLAIN = frozenset({int, str, bool, bytes, type(None)})
+
+
 def _param_key(obj):
     """A hashable stand-in for a param value; equal keys mean interchangeable params."""
+    kind = type(obj)
+    if kind in _PLAIN:
+        return (kind, obj)
+    if kind is tuple or kind is list:
+        kinds = tuple(map(type, obj))
+        if _PLAIN.issuperset(kinds):  # the common case, e.g. axes=(0, 2): no recursion
+            return (kind, kinds, tuple(obj))
+        return (kind, tuple([_param_key(x) for x in obj]))
+    if kind is dict:
+        return (dict, frozenset([(_param_key(k), _param_key(v)) for k, v in obj.items()]))
     if isinstance(obj, float):
         return (float, struct.pack("<d", obj))  # bits: -0.0 and 0.0 differ, NaN equals itself
     if isinstance(obj, complex):
         return (complex, struct.pack("<dd", obj.real, obj.imag))
-    if isinstance(obj, (bool, int, str, bytes, type(None))):
-        return (type(obj), obj)  # the type keeps True, 1 and 1.0 apart
     if isinstance(obj, np.dtype):
         return (np.dtype, obj.str, obj.name)
-    if isinstance(obj, (tuple, list)):
-        return (type(obj), tuple(_param_key(x) for x in obj))
-    if isinstance(obj, dict):
-        return (dict, frozenset((_param_key(k), _param_key(v)) for k, v in obj.items()))
     if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
         return _array_key(obj)
+    if isinstance(obj, (tuple, list, dict)):  # subclasses: named tuples, ordered dicts
+        return (kind, _param_key(dict(obj) if isinstance(obj, dict) else list(obj)))
     try:
         hash(obj)
     except TypeError:
-        raise _Unkeyable(type(obj).__name__) from None
-    return (type(obj), obj)  # jaxprs, enums, functions, shardings: their own equality
+        raise _Unkeyable(kind.__name__) from None
+    return (kind, obj)  # jaxprs, enums, functions, shardings: their own equality
 
 
 def _constant_key(value):

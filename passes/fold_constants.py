@@ -50,6 +50,7 @@ import numpy as np
 
 from graphopt import _jax_compat as compat
 from graphopt.ops import CONSTANT
+from graphopt.passes.cse import ValueTable
 from graphopt.pipeline import register_pass
 
 # Pure by JAX's account, but folding them would be wrong (rng_uniform is a stateful generator;
@@ -119,10 +120,8 @@ def _plan(graph, max_bytes: int, refused: set) -> _Plan:
             size[id(node.output)] = node.output.type.nbytes
             order.append(node)
             continue
-        if not _foldable_op(node) or id(node) in refused:
-            continue
         inputs = [size.get(id(v)) for v in node.inputs]
-        if None in inputs:
+        if None in inputs or not _foldable_op(node) or id(node) in refused:
             continue
         out_bytes = sum(v.type.nbytes for v in node.outputs)
         if out_bytes > MAX_EVAL_BYTES:  # constant, but too large even to compute here
@@ -148,6 +147,7 @@ def _plan(graph, max_bytes: int, refused: set) -> _Plan:
         gone.add(id(node))
         plan.wanted.extend(staying)
         gone.update(id(v.node) for v in node.inputs if v.node is not None and v.node.op is CONSTANT)
+    plan.wanted.reverse()  # program order: a shared constant goes before its first reader
     plan.gone = [n for n in order if id(n) in gone]
     # Evaluate only what the wanted values depend on.
     needed: set[int] = set()
@@ -186,20 +186,37 @@ class _Refused(Exception):
 
 
 def _evaluate(plan: _Plan) -> list[np.ndarray]:
-    """The wanted values, computed by one jitted CPU program with the constants as literals."""
+    """The wanted values, computed by one jitted CPU program with the constants as literals.
+
+    Each distinct expression is computed once (value numbering, as cse does): an unrolled model
+    repeats the same mask and scale in every layer. Equal wanted values get the same array.
+    """
+    table, same = ValueTable(), {}  # same: id(value) -> the value computing the same thing
+    distinct = []
+    for node in plan.nodes:
+        first = table.first(node, tuple(id(same.get(id(v), v)) for v in node.inputs))
+        if first is node:
+            distinct.append(node)
+        else:
+            same.update((id(v), f) for v, f in zip(node.outputs, first.outputs))
+    index: dict[int, int] = {}
+    for value in plan.wanted:
+        index.setdefault(id(same.get(id(value), value)), len(index))
+    returned = {i: v for v, i in index.items()}
+
     def program():
         env = {}
-        for node in plan.nodes:
+        for node in distinct:
             if node.op is CONSTANT:
                 env[id(node.output)] = compat.make_constant(**node.params)
                 continue
-            args = [env[id(v)] for v in node.inputs]
+            args = [env[id(same.get(id(v), v))] for v in node.inputs]
             try:
                 outs = compat.bind(node.op.primitive, args, node.params)
             except Exception as err:
                 raise _Refused(node, f"{type(err).__name__}: {err}") from err
             env.update(zip(map(id, node.outputs), outs))
-        return [env[id(v)] for v in plan.wanted]
+        return [env[returned[i]] for i in range(len(returned))]
 
     # Lower and compile explicitly: this runs now even when the pass itself runs under a trace
     # (`@optimize` called inside `jax.jit`), where calling the jitted function would stage it out.
@@ -207,18 +224,24 @@ def _evaluate(plan: _Plan) -> list[np.ndarray]:
     on_cpu = jax.sharding.SingleDeviceSharding(cpu)
     with jax.default_device(cpu):
         outs = jax.jit(program, out_shardings=on_cpu).lower().compile()()
-    return [np.asarray(out) for out in outs]
+    results = [np.asarray(out) for out in outs]
+    return [results[index[id(same.get(id(v), v))]] for v in plan.wanted]
 
 
 def _rewrite(plan: _Plan, results) -> Counter:
     fired: Counter = Counter()
+    made: dict = {}  # one constant per graph and distinct result, before its first reader
     for value, result in zip(plan.wanted, results):
         node = value.node
         if result.dtype != value.type.dtype or result.shape != value.type.shape:
             fired["type-mismatch-kept"] += 1  # e.g. traced with x64 on, folded with it off
             continue
-        constant = node.graph.constant(result, value.type.dtype, value.type.weak_type, before=node,
-                                       provenance=node.provenance.derived("fold_constants"))
+        key = (id(node.graph), id(result), value.type)
+        constant = made.get(key)
+        if constant is None:
+            constant = made[key] = node.graph.constant(
+                result, value.type.dtype, value.type.weak_type, before=node,
+                provenance=node.provenance.derived("fold_constants"))
         node.graph.replace_all_uses(value, constant)
     # Erase, readers before producers, what is now unused.
     for node in reversed(plan.gone):
