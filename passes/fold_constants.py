@@ -32,7 +32,10 @@ and a folded `a * b` no longer can (`x + jax.random.normal(key(0), ...)`): round
 reordered arithmetic, within the exact contract.
 
 One sweep in program order reaches the fixed point (a folded node makes its readers foldable in
-the same sweep). Folded nodes, and the constants and lazy nodes only they read, are erased.
+the same sweep). Each distinct expression is evaluated once (value numbering, as in cse: an
+unrolled model repeats its masks and scales in every layer), and equal results become one
+constant per graph, before its first reader. Folded nodes, and the constants and lazy nodes only
+they read, are erased.
 
 XLA would fold most of this itself. graphopt folds so that later passes see constants: a mask or
 a scale is one literal that fold_params, CSE (equal masks of every layer merge) and fusion

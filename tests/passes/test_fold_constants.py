@@ -80,6 +80,23 @@ def test_transcendentals_fold_to_the_bits_jit_gets():
     assert ops(graph) == ["constant", "mul", "constant", "add", "constant", "sub"]
 
 
+def test_equal_constant_expressions_become_one_constant_per_graph():
+    c1 = np.linspace(-1, 1, 64, dtype=F32).reshape(8, 8)
+    c2 = c1.copy()
+
+    def fn(xs):
+        inner = lax.scan(lambda c, x: (c + x * jnp.tanh(F32(0.5)), c), np.zeros(8, F32), xs)[0]
+        return xs * jnp.tanh(c1) + xs * jnp.tanh(c2) + inner * jnp.tanh(F32(0.5))
+
+    graph, _ = folded(fn, np.resize(X, (8, 8)))
+    # Outside: tanh(c1) = tanh(c2) is one constant, and tanh(0.5); inside the scan body, its own.
+    top = [n for n in graph.nodes if n.provenance.made_by == "fold_constants"]
+    assert [(str(n.output.type), len(n.output.users())) for n in top] == [("f32[8,8]", 2), ("f32[]", 1)]
+    (scan,) = [n for n in graph.nodes if n.op.name == "scan"]
+    assert [str(n.output.type) for n in scan.regions[0].nodes
+            if n.provenance.made_by == "fold_constants"] == ["f32[]"]
+
+
 def test_broadcast_of_a_scalar_to_a_large_shape_is_not_folded():
     graph, record = folded(lambda x: x + jnp.broadcast_to(F32(1.5), (1024, 1024)),
                            np.ones((1024, 1024), F32))
@@ -95,7 +112,7 @@ def test_broadcast_read_by_nodes_that_stay_is_kept_with_its_input_folded():
 
 
 def test_small_results_of_large_lazy_constants_fold():
-    graph, record = folded(lambda x: x + jnp.arange(100_000).sum(), I32)
+    graph, _ = folded(lambda x: x + jnp.arange(100_000).sum(), I32)
     assert ops(graph) == ["constant", "add"]
     ((value, _),) = made_constants(graph)
     assert value == np.arange(100_000, dtype=np.int32).sum(dtype=np.int32)
