@@ -72,8 +72,10 @@ class Value:
         self.type = type
         self.node = node
         self.index = index
-        # (node, operand index); node is None for a use as a graph output at that position.
-        self.uses: list[tuple[Node | None, int]] = []
+        # (node, operand index) -> None, in insertion order; node is None for a use as a graph
+        # output at that position. A dict, not a list: erasing one of many readers of a shared
+        # value (a literal) must not cost a scan of all of them.
+        self.uses: dict[tuple[Node | None, int], None] = {}
 
     @property
     def graph(self) -> "Graph":
@@ -207,9 +209,9 @@ class Node:
         """Rewire operand `index` to `value`, which must have the same type."""
         old = self.inputs[index]
         _check_same_type(old, value, self)
-        old.uses.remove((self, index))
+        del old.uses[(self, index)]
         self.inputs[index] = value
-        value.uses.append((self, index))
+        value.uses[(self, index)] = None
 
     def describe(self) -> str:
         return f"{self.op.name} ({self.provenance.describe()})"
@@ -277,7 +279,7 @@ class Graph:
         for region in node.regions:
             region.parent = node
         for i, value in enumerate(inputs):
-            value.uses.append((node, i))
+            value.uses[(node, i)] = None
         self._link(node, before, after)
         return node
 
@@ -289,12 +291,12 @@ class Graph:
 
     def set_outputs(self, values: Sequence[Value]) -> None:
         for i, value in enumerate(self.outputs):
-            value.uses.remove((None, i))
+            del value.uses[(None, i)]
         self.outputs = list(values)
         for i, value in enumerate(self.outputs):
             if value.graph is not self:
                 raise GraphError("a graph output belongs to another graph")
-            value.uses.append((None, i))
+            value.uses[(None, i)] = None
 
     def remove_inputs(self, args: Sequence[Argument]) -> None:
         """Remove unused graph inputs; the remaining inputs keep their order."""
@@ -355,8 +357,8 @@ class Graph:
                 self.outputs[i] = new
             else:
                 node.inputs[i] = new
-            new.uses.append((node, i))
-        old.uses = []
+            new.uses[(node, i)] = None
+        old.uses = {}
 
     def erase(self, node: Node) -> None:
         """Remove a node whose outputs are unused."""
@@ -367,7 +369,7 @@ class Graph:
                 raise GraphError(f"cannot erase {node.op.name}: output {value.index} still has "
                                  f"{len(value.uses)} use(s); replace_all_uses first", node)
         for i, value in enumerate(node.inputs):
-            value.uses.remove((node, i))
+            del value.uses[(node, i)]
         prev, nxt = node._prev, node._next
         if prev is None:
             self._first = nxt

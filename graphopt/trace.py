@@ -88,11 +88,14 @@ def inline_function(graph: Graph, fn: Callable, inputs: list[Value], static: dic
     graph's insertion point), all with `provenance`. For rewrite rules (see graphopt.builder)."""
     avals = [v.type.aval() for v in inputs]
     key = None
-    if getattr(fn, "__closure__", None) is None and hasattr(fn, "__code__"):
+    if hasattr(fn, "__code__"):
+        # Rules often close over a shape or axis (`lambda a: a.reshape(shape)`): the closure's
+        # values are part of the key, so such rules hit the cache too.
+        cells = tuple(c.cell_contents for c in fn.__closure__ or ())
         try:
-            key = (fn.__code__, tuple(v.type for v in inputs), tuple(sorted(static.items())))
+            key = (fn.__code__, cells, tuple(v.type for v in inputs), tuple(sorted(static.items())))
             hash(key)
-        except TypeError:
+        except (TypeError, ValueError):
             key = None
     jaxpr = _INLINE_CACHE.get(key) if key is not None else None
     if jaxpr is None:
