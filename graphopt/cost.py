@@ -68,9 +68,11 @@ def graph_flops(graph) -> tuple[int, bool]:
     """(total FLOPs, whether exact) over the graph's nodes."""
     total, exact = 0, True
     for node in graph.nodes:
-        flops, node_exact = node_flops(node)
-        total += flops
-        exact = exact and node_exact
+        cached = node._flops
+        if cached is None or node.regions:  # a region's contents may change under the node
+            cached = node._flops = node_flops(node)
+        total += cached[0]
+        exact = exact and cached[1]
     return total, exact
 
 

@@ -192,7 +192,7 @@ class Node:
     """One operation: `op` applied to `inputs` with `params`, producing `outputs`."""
 
     __slots__ = ("op", "inputs", "outputs", "params", "regions", "provenance", "effects",
-                 "graph", "_prev", "_next")
+                 "graph", "_prev", "_next", "_flops")
 
     @property
     def output(self) -> Value:
@@ -275,6 +275,7 @@ class Graph:
                 raise GraphError(f"{op.name} is opaque: its output types must come from a trace", node)
             _effects = op.effects(in_types, params) if _effects is None else _effects
         node.effects = frozenset(_effects or ())
+        node._flops = None  # cache of graphopt.cost.node_flops: op, params and types are fixed
         node.outputs = tuple(Value(t, node, i) for i, t in enumerate(_types))
         for region in node.regions:
             region.parent = node

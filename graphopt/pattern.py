@@ -82,15 +82,15 @@ class Const(Pattern):
     def match(self, value, captures, why):
         node = value.node
         if node is None or node.op.name != "constant":
-            return _fail(why, f"expected a constant, got {_describe(value)}")
+            return _fail(why, lambda: f"expected a constant, got {_describe(value)}")
         if not _type_ok(self, value, why):
             return False
         if self.value is not None or self.where is not None:  # only then read it (host copy)
             array = np.asarray(node.params["value"])
             if self.value is not None and not _same_scalar(array, self.value):
-                return _fail(why, f"constant {array!r} is not {self.value!r}")
+                return _fail(why, lambda: f"constant {array!r} is not {self.value!r}")
             if self.where is not None and not self.where(array):
-                return _fail(why, f"constant {array!r} fails its condition")
+                return _fail(why, lambda: f"constant {array!r} fails its condition")
         return _bind(self.name, value, captures, why)
 
 
@@ -119,24 +119,31 @@ class Op(Pattern):
     def match(self, value, captures, why):
         node = value.node
         if node is None:
-            return _fail(why, f"expected {_ops_text(self.op)}, got a graph input")
+            return _fail(why, lambda: f"expected {_ops_text(self.op)}, got a graph input")
         if node.op.name not in self.op:
-            return _fail(why, f"expected {_ops_text(self.op)}, got {node.op.name}")
+            return _fail(why, lambda: f"expected {_ops_text(self.op)}, got {node.op.name}")
         if value.index != self.index:
-            return _fail(why, f"expected output {self.index} of {node.op.name}, got output {value.index}")
+            return _fail(why, lambda: f"expected output {self.index} of {node.op.name}, got output {value.index}")
         if self.single_use and len(value.uses) != 1:
-            return _fail(why, f"{node.op.name} result has {len(value.uses)} uses; the rule needs one")
-        if not _type_ok(self, value, why) or not self._params_ok(node, why):
+            return _fail(why, lambda: f"{node.op.name} result has {len(value.uses)} uses; the rule needs one")
+        if (self.dtype is not None or self.shape is not None) and not _type_ok(self, value, why):
             return False
-        if self.operands and len(self.operands) != len(node.inputs):
-            return _fail(why, f"{node.op.name} has {len(node.inputs)} operands, pattern {len(self.operands)}")
-        orders = [node.inputs]
-        if self.commutative and len(node.inputs) == 2:
-            orders.append(node.inputs[::-1])
-        for inputs in orders:
+        if self.params is not None and not self._params_ok(node, why):
+            return False
+        inputs = node.inputs
+        if self.operands and len(self.operands) != len(inputs):
+            return _fail(why, lambda: f"{node.op.name} has {len(inputs)} operands, pattern {len(self.operands)}")
+        if not (self.commutative and len(inputs) == 2):
+            # One operand order: bind straight into `captures`. A failed attempt may leave partial
+            # bindings behind; callers discard the dict of a failed attempt (see Rule.match).
+            for pattern, operand in zip(self.operands, inputs):
+                if not pattern.match(operand, captures, why):
+                    return _fail(why, lambda: f"{node.op.name} operand: {why[-1]}") if why else False
+            return _bind(self.name, value, captures, why)
+        for order in (inputs, inputs[::-1]):
             trial = dict(captures)
             sub_why = [] if why is not None else None
-            if all(p.match(v, trial, sub_why) for p, v in zip(self.operands, inputs)):
+            if all(p.match(v, trial, sub_why) for p, v in zip(self.operands, order)):
                 if _bind(self.name, value, trial, why):
                     captures.clear()
                     captures.update(trial)
@@ -149,10 +156,10 @@ class Op(Pattern):
         if self.params is None:
             return True
         if callable(self.params):
-            return self.params(node.params) or _fail(why, f"{node.op.name} params fail the condition")
+            return self.params(node.params) or _fail(why, lambda: f"{node.op.name} params fail the condition")
         for key, want in self.params.items():
             if node.params.get(key) != want:
-                return _fail(why, f"{node.op.name} param {key}={node.params.get(key)!r}, want {want!r}")
+                return _fail(why, lambda: f"{node.op.name} param {key}={node.params.get(key)!r}, want {want!r}")
         return True
 
 
@@ -306,7 +313,7 @@ def _bind(name, value, captures, why) -> bool:
     if bound is None:
         captures[name] = value
         return True
-    return bound is value or _fail(why, f"{name!r} would bind two different values")
+    return bound is value or _fail(why, lambda: f"{name!r} would bind two different values")
 
 
 def _type_ok(pattern, value, why) -> bool:
@@ -314,11 +321,11 @@ def _type_ok(pattern, value, why) -> bool:
     if pattern.dtype is not None:
         ok = pattern.dtype(t.dtype) if callable(pattern.dtype) else t.dtype == np.dtype(pattern.dtype)
         if not ok:
-            return _fail(why, f"dtype {t.dtype} does not satisfy the pattern")
+            return _fail(why, lambda: f"dtype {t.dtype} does not satisfy the pattern")
     if pattern.shape is not None:
         ok = pattern.shape(t.shape) if callable(pattern.shape) else t.shape == tuple(pattern.shape)
         if not ok:
-            return _fail(why, f"shape {t.shape} does not satisfy the pattern")
+            return _fail(why, lambda: f"shape {t.shape} does not satisfy the pattern")
     return True
 
 
@@ -331,9 +338,11 @@ def _same_scalar(array: np.ndarray, want) -> bool:
     return bool(a == b) and bool(np.signbit(a) == np.signbit(b)) if a.dtype.kind == "f" else bool(a == b)
 
 
-def _fail(why, reason: str) -> bool:
+def _fail(why, reason) -> bool:
+    """Record why a match failed (`reason`: a string, or a function making one), for explain().
+    Matching runs for every node, explain() rarely: messages are built only when asked for."""
     if why is not None:
-        why.append(reason)
+        why.append(reason() if callable(reason) else reason)
     return False
 
 

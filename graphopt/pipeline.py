@@ -268,15 +268,19 @@ def run_pipeline(graph, pipeline: PipelineSpec = "default", *, disable: Sequence
     `debug=True` runs `graph.verify()` after every pass. `validator` (see graphopt.validate) checks
     each pass's result against the graph before it and may revert the pass.
     """
+    with gc_paused():  # the whole run: between passes too (the report walks the graph)
+        return _run(graph, resolve(pipeline, disable), debug, validator)
+
+
+def _run(graph, passes, debug, validator) -> PipelineResult:
     records = []
     after = None
-    for info, spec in resolve(pipeline, disable):
+    for info, spec in passes:
         ctx = PassContext(info.name)
         before = after or _stats(graph)
         snapshot = validator.snapshot(graph) if validator is not None else None
         start = time.perf_counter()
-        with gc_paused():
-            graph = info.fn(graph, ctx, *spec.args, **spec.options)
+        graph = info.fn(graph, ctx, *spec.args, **spec.options)
         seconds = time.perf_counter() - start
         if graph is None:
             raise GraphoptError(f"pass {info.name!r} returned None; a pass returns the graph")

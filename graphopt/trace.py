@@ -102,7 +102,25 @@ def inline_function(graph: Graph, fn: Callable, inputs: list[Value], static: dic
         jaxpr = jax.make_jaxpr(lambda *xs: fn(*xs, **static))(*avals)
         if key is not None:
             _INLINE_CACHE[key] = jaxpr
+    single = _single_primitive(jaxpr)
+    if single is not None:  # the common case in rewrite rules: one primitive on the inputs
+        primitive, params, types = single
+        node = graph.add_node(primitive_op(primitive), inputs, params, (), provenance, _types=types)
+        return list(node.outputs)
     return _Converter(provenance).convert(graph, jaxpr, inputs, provenance.module_path)
+
+
+def _single_primitive(jaxpr):
+    """(primitive, params, out types) if `jaxpr` is one plain primitive applied to its inputs in
+    order and returning its outputs, else None."""
+    constvars, _, invars, eqns, outvars = compat.jaxpr_parts(jaxpr)
+    if constvars or len(eqns) != 1:
+        return None
+    eqn = eqns[0]
+    if (list(eqn.invars) != list(invars) or list(eqn.outvars) != list(outvars)
+            or compat.primitive_kind(eqn.primitive) != "primitive" or compat.has_subjaxprs(eqn.params)):
+        return None
+    return eqn.primitive, eqn.params, [TensorType.of_aval(compat.aval_of(v)) for v in eqn.outvars]
 
 
 _INLINE_CACHE: dict = {}
