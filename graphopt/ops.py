@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,15 +28,15 @@ from graphopt import _jax_compat as compat
 from graphopt.types import TensorType
 
 
-class Op:
-    """Base class: a name, whether it yields several results, and a shape rule."""
+class Op(abc.ABC):
+    """Base class: a name, a kind, and a shape rule."""
 
     name: str = "?"
     kind: str = "?"
 
+    @abc.abstractmethod
     def infer(self, in_types: Sequence[TensorType], params: dict, regions: Sequence) -> list[TensorType] | None:
         """Output types for these inputs, or None when the op cannot say (opaque ops)."""
-        raise NotImplementedError(type(self).__name__)
 
     def effects(self, in_types: Sequence[TensorType], params: dict) -> frozenset:
         return frozenset()

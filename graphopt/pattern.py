@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections import Counter
 from typing import Any, Callable, Iterable, Sequence
@@ -47,11 +48,12 @@ from graphopt.ir import Graph, Node, Value
 Predicate = Callable[[Any], bool]
 
 
-class Pattern:
+class Pattern(abc.ABC):
     """Base class of patterns. `match(value, captures, why)` returns True and fills `captures`."""
 
+    @abc.abstractmethod
     def match(self, value: Value, captures: dict, why: list | None) -> bool:
-        raise NotImplementedError(type(self).__name__)
+        """Whether `value` matches; on success the captures are added to `captures`."""
 
 
 @dataclasses.dataclass(frozen=True)
