@@ -161,10 +161,10 @@ def run_graphopt(model, variables, tokens, pipeline: str):
     watch.lap("trace")
     traced_nodes = _count_nodes(graph)  # untimed: counting is not part of either path
     watch.lap("untimed")
-    result = run_pipeline(graph, pipeline)
-    graph = getattr(result, "graph", result)  # a PipelineResult, or (older API) the graph
+    graph = run_pipeline(graph, pipeline).graph
     watch.lap("pipeline")
-    args = jax.block_until_ready(_prepare(graph, variables, tokens))
+    # fold_params' prep (trace, compile, run once per set of weights) is part of graphopt's cost.
+    args = jax.block_until_ready(graphopt.prepare(graph, variables, tokens))
     watch.lap("prep")
     traced = jax.jit(graphopt.lower(graph)).trace(*args)
     watch.lap("replay")
@@ -181,17 +181,6 @@ def run_graphopt(model, variables, tokens, pipeline: str):
         times["lower"] = times["replay"] + times["stablehlo"]   # = jit(lower(graph)).lower(...)
         times["graphopt_only"] = sum(times[stage] for stage in GRAPHOPT_ONLY)
     return watch.times, compiled, (traced_nodes, _count_nodes(graph))
-
-
-def _prepare(graph, *args) -> tuple:
-    """The optimized graph's arguments. A pass that precomputes work on the weights (fold_params)
-    moves it into a prep graph that a user runs once per set of weights: tracing, compiling and
-    running it is part of graphopt's cost. Without one, the traced function's own arguments."""
-    if getattr(graph, "prep", None) is None:
-        return args
-    from graphopt.param_prep import prepare
-
-    return prepare(graph, *args)
 
 
 def _count_nodes(graph) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 from jax._src import core as _core
 from jax._src import source_info_util as _source_info
 from jax._src import ad_checkpoint as _ad_checkpoint

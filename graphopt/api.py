@@ -73,11 +73,13 @@ class Optimized:
         key, call_args = self._call_args(args)
         compiled = self._compiled.get(key)
         if compiled is None:
-            graph = trace(self.fn, *args, params_argnums=self.params_argnums,
-                          static_argnums=self.static_argnums)
-            graph = run_pipeline(graph, self.pipeline, validator=self._validator(key, call_args)).graph
-            lowered = lower(graph)
-            compiled = jax.jit(lowered) if self.jit else lowered
+            with gc_paused():  # one pause over the whole build: no full collections in between
+                graph = trace(self.fn, *args, params_argnums=self.params_argnums,
+                              static_argnums=self.static_argnums)
+                validator = self._validator(key, call_args)
+                graph = run_pipeline(graph, self.pipeline, validator=validator).graph
+                lowered = lower(graph)
+                compiled = jax.jit(lowered) if self.jit else lowered
             self.graphs[key], self._compiled[key] = graph, compiled
         self.graph = self.graphs[key]
         return compiled(*self._prepare(key, self.graph, call_args))

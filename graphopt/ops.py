@@ -20,8 +20,10 @@ Example:
 from __future__ import annotations
 
 import abc
+import struct
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from graphopt import _jax_compat as compat
@@ -78,15 +80,25 @@ class PrimitiveOp(Op):
         return frozenset(self._eval(in_types, params)[1])
 
 
-def params_key(params: dict):
-    """A hashable key equal for equal params, or None when some value cannot be keyed.
+# Params arrays up to this many elements are keyed by content, larger ones by identity.
+MAX_KEYED_ELEMENTS = 4096
 
-    Small numpy arrays are keyed by dtype, shape and bytes; containers recursively; anything
-    unhashable gives None (no caching, no merging).
+
+def params_key(params: dict):
+    """A hashable key, equal only for interchangeable params, or None when some value cannot be
+    keyed. Exact: floats by their bits (-0.0 and 0.0 differ, a NaN equals itself), True and 1
+    apart, small arrays by content. Used to memoize shape rules and by cse to merge nodes.
+
+    >>> params_key({"axes": (0, 2)}) == params_key({"axes": (0, 2)}), params_key({"x": {1, 2}})
+    (True, None)
+    >>> params_key({"c": 0.0}) == params_key({"c": -0.0})
+    False
     """
     try:
-        return tuple(sorted((k, _value_key(v)) for k, v in params.items()))
-    except _Unkeyable:
+        key = _param_key(params)
+        hash(key)
+        return key
+    except (_Unkeyable, TypeError):
         return None
 
 
@@ -94,20 +106,51 @@ class _Unkeyable(Exception):
     pass
 
 
-def _value_key(value):
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_value_key(v) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple(sorted((k, _value_key(v)) for k, v in value.items())))
-    if isinstance(value, np.ndarray):
-        if value.size > 4096:
-            raise _Unkeyable
-        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+# Values whose Python equality is exact, keyed as (type, value): the type keeps True, 1 apart.
+_PLAIN = frozenset({int, str, bool, bytes, type(None)})
+
+
+def _param_key(obj):
+    """A hashable stand-in for a param value; equal keys mean interchangeable params."""
+    kind = type(obj)
+    if kind in _PLAIN:
+        return (kind, obj)
+    if kind is tuple or kind is list:
+        kinds = tuple(map(type, obj))
+        if _PLAIN.issuperset(kinds):  # the common case, e.g. axes=(0, 2): no recursion
+            return (kind, kinds, tuple(obj))
+        return (kind, tuple([_param_key(x) for x in obj]))
+    if kind is dict:
+        return (dict, frozenset([(_param_key(k), _param_key(v)) for k, v in obj.items()]))
+    if isinstance(obj, float):
+        return (float, struct.pack("<d", obj))  # bits: -0.0 and 0.0 differ, NaN equals itself
+    if isinstance(obj, complex):
+        return (complex, struct.pack("<dd", obj.real, obj.imag))
+    if isinstance(obj, np.dtype):
+        return (np.dtype, obj.str, obj.name)
+    if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
+        return _array_key(obj)
+    if isinstance(obj, (tuple, list, dict)):  # subclasses: named tuples, ordered dicts
+        return (kind, _param_key(dict(obj) if isinstance(obj, dict) else list(obj)))
     try:
-        hash(value)
+        hash(obj)
     except TypeError:
-        raise _Unkeyable from None
-    return (type(value), value)
+        raise _Unkeyable(kind.__name__) from None
+    return (kind, obj)  # jaxprs, enums, functions, shardings: their own equality
+
+
+def _array_key(value):
+    """(dtype, shape, bytes) for small arrays and scalars; identity for large ones."""
+    size = int(np.prod(np.shape(value)))
+    if size > MAX_KEYED_ELEMENTS:
+        return ("id", id(value))
+    try:
+        array = np.asarray(value)
+    except Exception:  # e.g. PRNG key arrays, which have no numpy form
+        return ("id", id(value))
+    if array.dtype == object:
+        raise _Unkeyable("object array")
+    return (array.dtype.str, array.dtype.name, array.shape, array.tobytes())
 
 
 class OpaqueOp(PrimitiveOp):

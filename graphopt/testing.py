@@ -60,7 +60,8 @@ TOLERANCES: dict[np.dtype, tuple[float, float]] = {
 }
 
 
-def _is_float(dtype: np.dtype) -> bool:
+def is_float(dtype: np.dtype) -> bool:
+    """Whether `dtype` is a float (complex and ml_dtypes' bfloat16 and float8 types included)."""
     # ml_dtypes' floats (bfloat16, float8_*) have kind "V", not "f".
     return dtype.kind in "fc" or (dtype.kind == "V" and "float" in dtype.name)
 
@@ -77,7 +78,7 @@ def tolerance(dtype) -> tuple[float, float]:
     dtype = np.dtype(dtype)
     if dtype in TOLERANCES:
         return TOLERANCES[dtype]
-    if not _is_float(dtype):
+    if not is_float(dtype):
         return (0.0, 0.0)
     eps = float(ml_dtypes.finfo(dtype).eps)
     return (min(2 * eps, 1.0), min(2 * eps, 1.0))
@@ -92,14 +93,24 @@ def _bits(x: np.ndarray) -> np.ndarray:
     return x.view(np.dtype(f"u{x.dtype.itemsize}"))
 
 
-def _leaf_mismatch(actual: np.ndarray, expected: np.ndarray, rtol, atol, exact) -> str | None:
-    """None if the leaves agree, else a description of how they differ."""
+def leaf_mismatch(actual: np.ndarray, expected: np.ndarray, rtol=None, atol=None, exact=False,
+                  signed_zeros=False, names=("actual", "expected"), show=repr) -> str | None:
+    """None if two arrays agree, else how they differ (count, worst index, both values).
+
+    Integers and bools compare exactly; floats within `rtol`/`atol` (default: per dtype), with
+    NaN positions and ±Inf matching exactly; `signed_zeros` also requires −0 and +0 to match;
+    `exact` requires identical bits (NaN payloads aside). `names` label the two sides, `show`
+    formats their values.
+
+    >>> leaf_mismatch(np.float32([1, -0.0]), np.float32([1, 0.0]), signed_zeros=True)
+    '1 of 2 elements differ (rtol=1e-05, atol=1e-06; NaN, ±Inf, ±0 must match); worst at index (1,): actual np.float32(-0.0), expected np.float32(0.0)'
+    """
     if actual.dtype != expected.dtype:
-        return f"dtype mismatch: actual {actual.dtype}, expected {expected.dtype}"
+        return f"dtype mismatch: {names[0]} {actual.dtype}, {names[1]} {expected.dtype}"
     if actual.shape != expected.shape:
-        return f"shape mismatch: actual {actual.shape}, expected {expected.shape}"
+        return f"shape mismatch: {names[0]} {actual.shape}, {names[1]} {expected.shape}"
     a, e = _as_real(actual), _as_real(expected)
-    if not _is_float(actual.dtype):  # ints and bools: exact, whatever the tolerances
+    if not is_float(actual.dtype):  # ints and bools: exact, whatever the tolerances
         bad = a != e
         err = np.where(bad, 1.0, 0.0)
     else:
@@ -118,6 +129,8 @@ def _leaf_mismatch(actual: np.ndarray, expected: np.ndarray, rtol, atol, exact) 
             bad |= ~(a_nan & e_nan) & (_bits(a) != _bits(e))
         else:
             bad |= finite & ~(err <= atol + rtol * np.abs(e64))
+            if signed_zeros:
+                bad |= (a64 == 0) & (e64 == 0) & (np.signbit(a64) != np.signbit(e64))
         err = np.where(a_nan & e_nan, 0.0, err)
     if not bad.any():
         return None
@@ -129,10 +142,12 @@ def _leaf_mismatch(actual: np.ndarray, expected: np.ndarray, rtol, atol, exact) 
     av, ev = actual[worst], expected[worst]
     if part:
         av, ev = getattr(av, part), getattr(ev, part)
-    tol = "bit-exact" if exact else f"rtol={rtol}, atol={atol}" if _is_float(actual.dtype) else "exact"
+    tol = "bit-exact" if exact else f"rtol={rtol}, atol={atol}" if is_float(actual.dtype) else "exact"
+    if signed_zeros and not exact and is_float(actual.dtype):
+        tol += "; NaN, ±Inf, ±0 must match"
     return (f"{int(bad.sum())} of {bad.size} elements differ ({tol}); worst at index "
             f"{tuple(int(i) for i in worst)}{f' ({part})' if part else ''}: "
-            f"actual {av!r}, expected {ev!r}")
+            f"{names[0]} {show(av)}, {names[1]} {show(ev)}")
 
 
 def _path_str(path) -> str:
@@ -170,7 +185,7 @@ def assert_equivalent(actual: Any, expected: Any, *, rtol: float | None = None,
                              f"  actual:   {a_tree}\n  expected: {e_tree}")
     problems = []
     for (path, a), (_, e) in zip(a_leaves, e_leaves):
-        why = _leaf_mismatch(np.asarray(a), np.asarray(e), rtol, atol, exact)
+        why = leaf_mismatch(np.asarray(a), np.asarray(e), rtol, atol, exact)
         if why:
             problems.append(f"  {_path_str(path)}: {why}")
     if problems:

@@ -48,7 +48,7 @@ class TensorType:
 
     def __init__(self, shape, dtype, weak_type: bool = False):
         object.__setattr__(self, "shape", tuple(int(d) for d in shape))
-        object.__setattr__(self, "dtype", dtype if _is_extended(dtype) else np.dtype(dtype))
+        object.__setattr__(self, "dtype", dtype if is_extended_dtype(dtype) else np.dtype(dtype))
         object.__setattr__(self, "weak_type", bool(weak_type))
         object.__setattr__(self, "_aval", None)
         object.__setattr__(self, "_hash", hash((self.shape, self.dtype, self.weak_type)))
@@ -116,6 +116,6 @@ class TensorType:
         return f"TensorType({self})"
 
 
-def _is_extended(dtype) -> bool:
+def is_extended_dtype(dtype) -> bool:
     # PRNG key dtypes and other JAX extended dtypes are not numpy dtypes.
     return not isinstance(dtype, (np.dtype, type, str)) and jax.dtypes.issubdtype(dtype, jax.dtypes.extended)

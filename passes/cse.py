@@ -36,17 +36,13 @@ Contract: exact (the kept node computes bit-identical results).
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections import Counter
 
-import jax
 import numpy as np
 
-from graphopt.ops import CONSTANT
+from graphopt.ops import CONSTANT, MAX_KEYED_ELEMENTS, params_key
 from graphopt.pipeline import register_pass
 
-# Arrays in params up to this many elements are keyed by their bytes; larger ones by identity.
-MAX_KEYED_ELEMENTS = 4096
 # Constants up to this size are keyed by content, larger ones (closed-over weights) by identity.
 MAX_HASHED_CONSTANT_BYTES = 16 << 20
 # Pure by JAX's account but not to be merged (see the module docstring).
@@ -112,10 +108,7 @@ class ValueTable:
         if node.effects or node.regions or op.name in NEVER_MERGED:
             return node
         if op is CONSTANT:
-            try:
-                key = (CONSTANT, _constant_key(node.params["value"]), node.output.type)
-            except _Unkeyable:
-                return node
+            key = (CONSTANT, _constant_key(node.params["value"]), node.output.type)
             return self._entries.setdefault(key, node)
         coarse = (op, tuple(map(id, node.inputs)) if input_ids is None else input_ids)
         entry = self._entries.get(coarse)
@@ -124,62 +117,16 @@ class ValueTable:
             return node
         if not isinstance(entry, dict):  # a second candidate: key both by their params
             entry, lone = {}, entry
-            lone_key = _params_key(lone.params)
+            lone_key = params_key(lone.params)
             if lone_key is not None:
                 entry[lone_key] = lone
             self._entries[coarse] = entry
-        key = _params_key(node.params)
+        key = params_key(node.params)
         found = node if key is None else entry.setdefault(key, node)
         # Same op, inputs and params give the same types; opaque ops' types come from the trace.
         if found is not node and [v.type for v in found.outputs] != [v.type for v in node.outputs]:
             return node
         return found
-
-
-def _params_key(params: dict):
-    try:
-        key = _param_key(params)
-        hash(key)
-        return key
-    except (_Unkeyable, TypeError):
-        return None
-
-
-class _Unkeyable(Exception):
-    pass
-
-
-# Values whose Python equality is exact, keyed as (type, value): the type keeps True, 1 apart.
-_PLAIN = frozenset({int, str, bool, bytes, type(None)})
-
-
-def _param_key(obj):
-    """A hashable stand-in for a param value; equal keys mean interchangeable params."""
-    kind = type(obj)
-    if kind in _PLAIN:
-        return (kind, obj)
-    if kind is tuple or kind is list:
-        kinds = tuple(map(type, obj))
-        if _PLAIN.issuperset(kinds):  # the common case, e.g. axes=(0, 2): no recursion
-            return (kind, kinds, tuple(obj))
-        return (kind, tuple([_param_key(x) for x in obj]))
-    if kind is dict:
-        return (dict, frozenset([(_param_key(k), _param_key(v)) for k, v in obj.items()]))
-    if isinstance(obj, float):
-        return (float, struct.pack("<d", obj))  # bits: -0.0 and 0.0 differ, NaN equals itself
-    if isinstance(obj, complex):
-        return (complex, struct.pack("<dd", obj.real, obj.imag))
-    if isinstance(obj, np.dtype):
-        return (np.dtype, obj.str, obj.name)
-    if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
-        return _array_key(obj)
-    if isinstance(obj, (tuple, list, dict)):  # subclasses: named tuples, ordered dicts
-        return (kind, _param_key(dict(obj) if isinstance(obj, dict) else list(obj)))
-    try:
-        hash(obj)
-    except TypeError:
-        raise _Unkeyable(kind.__name__) from None
-    return (kind, obj)  # jaxprs, enums, functions, shardings: their own equality
 
 
 def _constant_key(value):
@@ -216,17 +163,3 @@ class _Content:
         return (isinstance(other, _Content) and self._hash == other._hash
                 and self.array.dtype == other.array.dtype and self.array.shape == other.array.shape
                 and np.array_equal(self._bytes(), other._bytes()))
-
-
-def _array_key(value):
-    """(dtype, shape, bytes) for small arrays and scalars; identity for large ones."""
-    size = int(np.prod(np.shape(value)))
-    if size > MAX_KEYED_ELEMENTS:
-        return ("id", id(value))
-    try:
-        array = np.asarray(value)
-    except Exception:  # e.g. PRNG key arrays, which have no numpy form
-        return ("id", id(value))
-    if array.dtype == object:
-        raise _Unkeyable("object array")
-    return (array.dtype.str, array.dtype.name, array.shape, array.tobytes())

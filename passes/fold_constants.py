@@ -55,6 +55,7 @@ from graphopt import _jax_compat as compat
 from graphopt.ops import CONSTANT
 from graphopt.passes.cse import ValueTable
 from graphopt.pipeline import register_pass
+from graphopt.types import is_extended_dtype
 
 # Pure by JAX's account, but folding them would be wrong (rng_uniform is a stateful generator;
 # rng_bit_generator's default algorithm depends on the backend) or would defeat their purpose
@@ -133,7 +134,7 @@ def _plan(graph, max_bytes: int, refused: set) -> _Plan:
         computable.append(node)
         order.append(node)
         fits = out_bytes <= max(max(inputs, default=0), max_bytes)
-        if fits and not any(_is_extended(v.type.dtype) for v in node.outputs):
+        if fits and not any(is_extended_dtype(v.type.dtype) for v in node.outputs):
             folds.add(id(node))
         size.update((id(v), v.type.nbytes if id(node) in folds else 0) for v in node.outputs)
     # Backward, readers first: a node stays if a node that stays (or the graph output) reads it
@@ -176,10 +177,6 @@ def _foldable_op(node) -> bool:
     op = node.op
     return (getattr(op, "kind", None) == "primitive" and not node.regions and not node.effects
             and op.name not in NEVER_FOLDED and bool(node.outputs))
-
-
-def _is_extended(dtype) -> bool:
-    return jax.dtypes.issubdtype(dtype, jax.dtypes.extended)
 
 
 class _Refused(Exception):
