@@ -32,7 +32,8 @@ import numpy as np
 
 import graphopt
 from graphopt.frameworks import adapt
-from graphopt.testing_programs import OP_FAMILIES, Program, arrays, programs
+from graphopt.random_program import Program, arrays
+from graphopt.testing_programs import OP_FAMILIES, programs
 
 __all__ = [
     "TOLERANCES", "tolerance", "assert_equivalent", "equivalence_check", "primitives",

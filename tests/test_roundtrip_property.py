@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import graphopt
 from graphopt.testing import (OP_FAMILIES, assert_equivalent, equivalence_check, primitives,
                               programs)
-from graphopt.testing_programs import Lit
+from graphopt.random_program import Lit
 
 # Primitives each op family must be able to emit. The coverage test below
 # checks every one is actually reachable, so this table cannot rot silently.
