@@ -1,9 +1,18 @@
 """Lowering: a graphopt Graph → an ordinary JAX function.
 
 Each node is replayed on whatever JAX trace is active: a JAX primitive is re-bound with its params,
-a graphopt op runs its kernel (the backend's, if one is registered in `KERNELS`, else the op's
-reference implementation), a region op gets its sub-graphs as Python callables. The result can be
-jitted, differentiated, vmapped and exported like any JAX function.
+a region op gets its sub-graphs as Python callables, and a graphopt op runs
+
+- a composite (`graphopt.nn_ops`: attention, layer_norm, ...), by its `implementation` param:
+  None → its "decomposition" region if it holds one (bit-exact with the source), else its
+  reference implementation; a name → that kernel from `graphopt.implementations` for this backend
+  (or any backend). A kernel missing on this backend, or one that does not support the node's
+  shapes, is an error naming the op, the implementation, the backend and what to do: never a
+  silent fallback to something else;
+- any other op: the backend's default kernel if one is registered in `KERNELS`, else its
+  reference implementation.
+
+The result can be jitted, differentiated, vmapped and exported like any JAX function.
 
 Example:
     >>> import graphopt, jax, jax.numpy as jnp
@@ -20,13 +29,16 @@ from typing import Any, Callable, Sequence
 import jax
 
 from graphopt import _jax_compat as compat
+from graphopt import implementations
 from graphopt.errors import GraphError, SignatureError
 from graphopt.ir import Graph, Node, gc_paused
+from graphopt.nn_ops import CompositeOp
 from graphopt.ops import OpDef, PrimitiveOp
 from graphopt.types import dtype_name
 
 # (op name, backend) -> kernel(*args, regions=..., **params) -> list; backend None = any backend.
-# Fused-op passes register their per-backend kernels here; choices are data, not if-chains.
+# Default kernels of non-composite graphopt ops. Composites' named kernels are in
+# graphopt.implementations (passes choose among them); choices are data, not if-chains.
 KERNELS: dict[tuple[str, str | None], Callable] = {}
 
 
@@ -81,9 +93,31 @@ def evaluate(graph: Graph, flat_args: Sequence[Any], module_path: str = "") -> l
 
 
 def _run_opdef(node: Node, op: OpDef, args, backend: str) -> list:
-    kernel = KERNELS.get((op.name, backend)) or KERNELS.get((op.name, None)) or op.impl
+    if isinstance(op, CompositeOp):
+        kernel = _composite_kernel(node, op, backend)
+    else:
+        kernel = KERNELS.get((op.name, backend)) or KERNELS.get((op.name, None)) or op.impl
     regions = [RegionFunction(r, node.provenance.module_path) for r in node.regions]
     return list(kernel(*args, regions=regions, **node.params))
+
+
+def _composite_kernel(node: Node, op: CompositeOp, backend: str) -> Callable:
+    name = node.params["implementation"]
+    if name is None:
+        return _run_decomposition if node.regions else op.impl
+    kernel = implementations.find(op.name, name, backend)
+    if kernel is None:
+        raise GraphError(implementations.missing(op.name, name, backend), node)
+    reason = kernel.unsupported(node.input_types, node.params)
+    if reason:
+        raise GraphError(f"{op.name}: kernel {name!r} on backend {backend!r} does not support this "
+                         f"node: {reason}. Set its implementation to None (its decomposition or "
+                         "reference) or re-run fuse_attention, which only picks supported kernels.", node)
+    return kernel.fn
+
+
+def _run_decomposition(*args, regions, **params) -> list:
+    return regions[0](*args)
 
 
 class GraphFunction:

@@ -1,0 +1,120 @@
+"""The kernels of graphopt's composite ops, by op, implementation name and backend.
+
+A composite op (`graphopt.nn_ops`) lowers to its decomposition or reference implementation unless
+its `implementation` param names a kernel. This module is the table of those kernels: the lowering
+(`lowering/kernels.py`) fills it, `lowering/emit.py` dispatches on it, and passes
+(`passes/fuse_attention.py`) read it to know which kernels exist on a backend, whether one supports
+a node's shapes (`Kernel.unsupported`), and how fast each is (`measure`). The table lives here, in
+graphopt/, because passes/ must not import lowering/: data flows trace → IR → passes → lowering,
+and a pass only *names* a kernel; the lowering runs it.
+
+    key (op, implementation, backend)      backend None: any backend
+    ("attention", "xla", None)             jax.nn.dot_product_attention(implementation="xla")
+    ("attention", "cudnn", "gpu")          ... implementation="cudnn"
+
+Example:
+    >>> [k.implementation for k in available("attention", "cpu")]
+    ['xla']
+    >>> find("attention", "cudnn", "cpu") is None, find("attention", "cudnn", "gpu") is not None
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel: `fn(*args, regions, **params) -> list of arrays`, as an op's reference impl.
+
+    `supports(in_types, params) -> str | None` says why the kernel cannot run these inputs (None:
+    it can); passes skip unsupported kernels and the lowering refuses them with that reason.
+    """
+
+    op: str
+    implementation: str
+    backend: str | None
+    fn: Callable
+    supports: Callable | None = None
+
+    def unsupported(self, in_types, params) -> str | None:
+        return None if self.supports is None else self.supports(list(in_types), params)
+
+
+KERNELS: dict[tuple[str, str, str | None], Kernel] = {}
+
+
+def register(op: str, implementation: str, backend: str | None = None, *, supports=None):
+    """Decorator: `fn` is kernel `implementation` of composite `op` on `backend` (None: any)."""
+    def decorate(fn):
+        KERNELS[(op, implementation, backend)] = Kernel(op, implementation, backend, fn, supports)
+        return fn
+    return decorate
+
+
+def _load_builtin_kernels() -> None:
+    import graphopt.lowering.kernels  # noqa: F401  (registers the built-in kernels)
+
+
+def find(op: str, implementation: str, backend: str) -> Kernel | None:
+    """The kernel `implementation` of `op` for `backend`, or None if there is none."""
+    _load_builtin_kernels()
+    return KERNELS.get((op, implementation, backend)) or KERNELS.get((op, implementation, None))
+
+
+def available(op: str, backend: str) -> list[Kernel]:
+    """The kernels of `op` that run on `backend`, by implementation name."""
+    _load_builtin_kernels()
+    names = sorted({impl for (o, impl, b) in KERNELS if o == op and b in (backend, None)})
+    return [find(op, name, backend) for name in names]
+
+
+def missing(op: str, implementation: str, backend: str) -> str:
+    """The error text for a kernel that is not registered on this backend."""
+    names = [k.implementation for k in available(op, backend)]
+    return (f"{op}: implementation {implementation!r} has no kernel on backend {backend!r} "
+            f"(available here: {names or 'none'}). Run fuse_attention for this backend "
+            f"(fuse_attention(backend={backend!r})), set the node's implementation to None to use "
+            "its decomposition, or register a kernel with graphopt.implementations.register.")
+
+
+def measure(node, implementation: str | None, *, repeats: int = 5, seed: int = 0) -> float:
+    """Median seconds of one run of `node`, alone and jitted on the default backend, with
+    `implementation` (None: its decomposition or reference), on random inputs of its types.
+
+    Compilation is not timed; one warm-up run is. Uses the lowering (imported here, not in
+    passes/), so what is measured is exactly what the lowered program will run.
+    """
+    from graphopt.ir import Graph
+    from graphopt.lowering.emit import lower
+
+    graph = Graph(f"measure_{node.op.name}")
+    inputs = [graph.add_input(t) for t in node.input_types]
+    regions = [r.clone()[0] for r in node.regions]
+    params = {**node.params, "implementation": implementation}
+    graph.set_outputs(list(graph.add_node(node.op, inputs, params, regions).outputs))
+    rng = np.random.default_rng(seed)
+    args = [_random(rng, t) for t in node.input_types]
+    compiled = jax.jit(lower(graph).flat).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _random(rng, t):
+    if t.dtype == np.bool_:
+        return jax.numpy.asarray(rng.random(t.shape) < 0.9)
+    if np.issubdtype(t.dtype, np.integer):
+        return jax.numpy.asarray(rng.integers(0, 4, t.shape), t.dtype)
+    return jax.numpy.asarray(rng.standard_normal(t.shape, np.float32)).astype(t.dtype)
