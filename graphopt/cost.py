@@ -68,12 +68,17 @@ def graph_flops(graph) -> tuple[int, bool]:
     """(total FLOPs, whether exact) over the graph's nodes."""
     total, exact = 0, True
     for node in graph.nodes:
-        cached = node._flops
-        if cached is None or node.regions:  # a region's contents may change under the node
-            cached = node._flops = node_flops(node)
-        total += cached[0]
-        exact = exact and cached[1]
+        count, node_exact = _cached_flops(node)
+        total += count
+        exact = exact and node_exact
     return total, exact
+
+
+def _cached_flops(node) -> tuple[int, bool]:
+    cached = node._flops
+    if cached is None or node.regions:  # a region's contents may change under the node
+        cached = node._flops = node_flops(node)
+    return cached
 
 
 def param_stats(graph) -> tuple[int, int]:
@@ -84,5 +89,30 @@ def param_stats(graph) -> tuple[int, int]:
 
 def graph_bytes(graph) -> int:
     """Bytes of the weights the program carries: parameter inputs plus constants (regions included)."""
-    constants = sum(n.outputs[0].type.nbytes for n in graph.walk() if n.op.name == "constant")
-    return param_stats(graph)[1] + constants
+    return graph_stats(graph)[2]
+
+
+def graph_stats(graph) -> tuple[int, int, int]:
+    """(nodes, regions included; FLOPs; weight bytes as graph_bytes) in one sweep, for pass reports.
+
+    >>> import graphopt, jax.numpy as jnp
+    >>> graph_stats(graphopt.trace(lambda x: x * 2.0, jnp.ones(4)))
+    (2, 4, 4)
+    """
+    flops = 0
+    for node in graph.nodes:
+        flops += _cached_flops(node)[0]
+    nodes, constant_bytes = _count(graph)
+    return nodes, flops, param_stats(graph)[1] + constant_bytes
+
+
+def _count(graph) -> tuple[int, int]:
+    """(nodes, constant bytes), regions included."""
+    nodes, constant_bytes = len(graph), 0
+    for node in graph.nodes:
+        if node.op.name == "constant":
+            constant_bytes += node.outputs[0].type.nbytes
+        for region in node.regions:
+            n, b = _count(region)
+            nodes, constant_bytes = nodes + n, constant_bytes + b
+    return nodes, constant_bytes

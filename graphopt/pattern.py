@@ -178,9 +178,21 @@ class Rule:
     def __post_init__(self):
         if not isinstance(self.pattern, Op):
             raise TypeError(f"rule {self.name!r}: the root of a pattern must be an Op")
+        self._guard = _operand_guard(self.pattern)
         RULES.setdefault(self.name, self)
 
     def match(self, node: Node, why: list | None = None) -> dict | None:
+        """The captures if the rule matches `node` (one of its outputs), else None; `why`
+        collects the reasons of a failed match (see explain)."""
+        if why is None and not self.admits(_producer_ops(node)):
+            return None  # explain() skips the guard: the full match says why
+        return self._match(node, why)
+
+    def admits(self, producer_ops: tuple) -> bool:
+        """A quick necessary condition on the ops computing a node's operands (see _OperandGuard)."""
+        return self._guard is None or self._guard.admits(producer_ops)
+
+    def _match(self, node: Node, why: list | None) -> dict | None:
         for value in node.outputs:
             captures: dict = {}
             if self.pattern.match(value, captures, why):
@@ -189,6 +201,48 @@ class Rule:
                     return captures
                 _fail(why, "the rule's `where` condition is false")
         return None
+
+
+class _OperandGuard:
+    """A quick necessary condition of a root pattern: its operand count, and the op each operand
+    must be computed by, where the pattern names one. Most rules the driver could try on a node
+    fail for an operand's op; this check, on the names alone, rejects them without matching (and
+    the driver caches its verdicts per operand-op signature). It never rejects a node the full
+    match accepts."""
+
+    __slots__ = ("arity", "ops", "commutative")
+
+    def __init__(self, arity: int, ops: tuple, commutative: bool):
+        self.arity, self.ops, self.commutative = arity, ops, commutative
+
+    def admits(self, producer_ops: tuple) -> bool:
+        """`producer_ops`: per operand, the name of the op computing it (None for an input)."""
+        if len(producer_ops) != self.arity:
+            return False
+        if self.commutative:
+            (a, b), (x, y) = self.ops, producer_ops
+            return (_among(x, a) and _among(y, b)) or (_among(y, a) and _among(x, b))
+        return all(_among(name, names) for name, names in zip(producer_ops, self.ops))
+
+
+def _among(name, names) -> bool:
+    return names is None or (name is not None and name in names)
+
+
+def _operand_guard(pattern: Op) -> _OperandGuard | None:
+    def ops_of(operand):
+        if isinstance(operand, Op):
+            return operand.op
+        return frozenset({"constant"}) if isinstance(operand, Const) else None
+
+    if not pattern.operands:
+        return None
+    ops = tuple(ops_of(p) for p in pattern.operands)
+    return _OperandGuard(len(ops), ops, pattern.commutative and len(ops) == 2)
+
+
+def _producer_ops(node: Node) -> tuple:
+    return tuple([v.node.op.name if v.node is not None else None for v in node.inputs])
 
 
 # Every rule ever defined, by name: for the coverage test (each rule must fire in some test).
@@ -211,16 +265,36 @@ class RewriteLimitError(GraphError):
 def rewrite(graph: Graph, rules: Sequence[Rule], *, made_by: str | None = None,
             max_rewrites: int | None = None) -> Counter:
     """Apply `rules` to `graph` and its regions until none fires. Returns fire counts per rule."""
-    by_op: dict[str, list[Rule]] = {}
-    for rule in rules:
-        for op in rule.pattern.op:
-            by_op.setdefault(op, []).append(rule)
     fired: Counter = Counter()
-    _rewrite_graph(graph, by_op, fired, made_by, max_rewrites)
+    _rewrite_graph(graph, _Dispatch(rules), fired, made_by, max_rewrites)
     return fired
 
 
-def _rewrite_graph(graph, by_op, fired, made_by, max_rewrites):
+class _Dispatch:
+    """The rules worth trying on a node, by its op and the ops computing its operands: rules are
+    indexed by root op, then filtered by their operand guards once per distinct signature."""
+
+    def __init__(self, rules: Sequence[Rule]):
+        self.by_op: dict[str, list[Rule]] = {}
+        for rule in rules:
+            for op in rule.pattern.op:
+                self.by_op.setdefault(op, []).append(rule)
+        self._cache: dict[tuple, list[Rule]] = {}
+
+    def candidates(self, node: Node) -> Sequence[Rule]:
+        name = node.op.name
+        rules = self.by_op.get(name)
+        if rules is None:
+            return ()
+        producers = _producer_ops(node)
+        key = (name, producers)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = [r for r in rules if r.admits(producers)]
+        return found
+
+
+def _rewrite_graph(graph, dispatch, fired, made_by, max_rewrites):
     limit = max_rewrites if max_rewrites is not None else 10 * len(graph) + 1000
     worklist = list(graph.nodes)
     worklist.reverse()  # pop() from the end: visit in program order
@@ -232,9 +306,9 @@ def _rewrite_graph(graph, by_op, fired, made_by, max_rewrites):
         if node.graph is not graph:
             continue  # erased meanwhile
         for region in node.regions:
-            _rewrite_graph(region, by_op, fired, made_by, max_rewrites)
-        for rule in by_op.get(node.op.name, ()):
-            captures = rule.match(node)
+            _rewrite_graph(region, dispatch, fired, made_by, max_rewrites)
+        for rule in dispatch.candidates(node):
+            captures = rule._match(node, None)
             if captures is None:
                 continue
             new_nodes = _apply(graph, rule, node, captures, made_by)

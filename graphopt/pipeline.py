@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Sequence
 
-from graphopt.cost import graph_bytes, graph_flops
+from graphopt.cost import graph_stats
 from graphopt.errors import GraphoptError
 from graphopt.ir import gc_paused
 
@@ -277,7 +277,7 @@ def _run(graph, passes, debug, validator) -> PipelineResult:
     after = None
     for info, spec in passes:
         ctx = PassContext(info.name)
-        before = after or _stats(graph)
+        before = after or graph_stats(graph)
         snapshot = validator.snapshot(graph) if validator is not None else None
         start = time.perf_counter()
         graph = info.fn(graph, ctx, *spec.args, **spec.options)
@@ -286,7 +286,7 @@ def _run(graph, passes, debug, validator) -> PipelineResult:
             raise GraphoptError(f"pass {info.name!r} returned None; a pass returns the graph")
         if debug:
             graph.verify()
-        after = _stats(graph)
+        after = graph_stats(graph)
         record = PassRecord(info.name, str(info.contract), (before[0], after[0]), (before[1], after[1]),
                             (before[2], after[2]), seconds, ctx.fired, notes=ctx.notes)
         if validator is not None:
@@ -296,7 +296,3 @@ def _run(graph, passes, debug, validator) -> PipelineResult:
         records.append(record)
     return PipelineResult(graph, Report(records))
 
-
-def _stats(graph) -> tuple[int, int, int]:
-    """(nodes including regions, FLOPs, weight bytes) for the report."""
-    return sum(1 for _ in graph.walk()), graph_flops(graph)[0], graph_bytes(graph)

@@ -86,7 +86,6 @@ def inline_function(graph: Graph, fn: Callable, inputs: list[Value], static: dic
                     provenance: Provenance) -> list[Value]:
     """Trace `fn(*inputs, **static)` on the inputs' types and add its nodes to `graph` (at the
     graph's insertion point), all with `provenance`. For rewrite rules (see graphopt.builder)."""
-    avals = [v.type.aval() for v in inputs]
     key = None
     if hasattr(fn, "__code__"):
         # Rules often close over a shape or axis (`lambda a: a.reshape(shape)`): the closure's
@@ -97,12 +96,14 @@ def inline_function(graph: Graph, fn: Callable, inputs: list[Value], static: dic
             hash(key)
         except (TypeError, ValueError):
             key = None
-    jaxpr = _INLINE_CACHE.get(key) if key is not None else None
-    if jaxpr is None:
+    traced = _INLINE_CACHE.get(key) if key is not None else None
+    if traced is None:
+        avals = [v.type.aval() for v in inputs]
         jaxpr = jax.make_jaxpr(lambda *xs: fn(*xs, **static))(*avals)
+        traced = (jaxpr, _single_primitive(jaxpr))
         if key is not None:
-            _INLINE_CACHE[key] = jaxpr
-    single = _single_primitive(jaxpr)
+            _INLINE_CACHE[key] = traced
+    jaxpr, single = traced
     if single is not None:  # the common case in rewrite rules: one primitive on the inputs
         primitive, params, types = single
         node = graph.add_node(primitive_op(primitive), inputs, params, (), provenance, _types=types)
@@ -123,6 +124,7 @@ def _single_primitive(jaxpr):
     return eqn.primitive, eqn.params, [TensorType.of_aval(compat.aval_of(v)) for v in eqn.outvars]
 
 
+# (fn code, closure values, input types, static args) -> (jaxpr, its single primitive or None)
 _INLINE_CACHE: dict = {}
 
 

@@ -33,6 +33,7 @@ Contract: exact (bit for bit; with dots=True, up to the order of dot_general sum
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -83,12 +84,24 @@ def _small(shape) -> bool:
     return math.prod(shape) <= SMALL
 
 
+@functools.cache
 def _is_float(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
 
+@functools.cache
 def _is_int(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.integer)
+
+
+@functools.cache
+def _is_complex(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.complexfloating)
+
+
+@functools.cache
+def _smallest_normal(dtype) -> float:
+    return float(jnp.finfo(dtype).tiny)
 
 
 def _is_constant(value) -> bool:
@@ -98,13 +111,18 @@ def _is_constant(value) -> bool:
 def _is_additive_identity(c) -> bool:
     """−0.0 for floats (x + −0 = x for every x; +0 would turn −0 into +0), 0 for integers."""
     if _is_float(c.dtype):
+        if c.ndim == 0:  # the usual case; numpy's reductions cost more than the test
+            value = float(c)
+            return value == 0 and math.copysign(1.0, value) < 0
         wide = c.astype(np.float64)
         return bool(np.all(wide == 0) and np.all(np.signbit(wide)))
-    return _is_int(c.dtype) and bool(np.all(c == 0))
+    return _is_int(c.dtype) and (int(c) == 0 if c.ndim == 0 else bool(np.all(c == 0)))
 
 
 def _is_one(c) -> bool:
-    return (_is_float(c.dtype) or _is_int(c.dtype)) and bool(np.all(c == 1))
+    if not (_is_float(c.dtype) or _is_int(c.dtype)):
+        return False
+    return c.item() == 1 if c.ndim == 0 else bool(np.all(c == 1))
 
 
 def _has_exact_reciprocal(c) -> bool:
@@ -114,8 +132,19 @@ def _has_exact_reciprocal(c) -> bool:
     x / 0 on one side and a finite product on the other."""
     if not _is_float(c.dtype):
         return False
+    if c.ndim == 0:  # one answer per scalar: unrolled layers divide by the same constants
+        return _scalar_has_exact_reciprocal(c.dtype, c.tobytes())
+    return _all_have_exact_reciprocals(c)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scalar_has_exact_reciprocal(dtype, data: bytes) -> bool:
+    return _all_have_exact_reciprocals(np.frombuffer(data, dtype).reshape(()))
+
+
+def _all_have_exact_reciprocals(c) -> bool:
     wide = c.astype(np.float64)
-    tiny = float(jnp.finfo(c.dtype).tiny)
+    tiny = _smallest_normal(c.dtype)
     if not np.all(np.isfinite(wide) & (np.abs(wide) >= tiny)):
         return False
     if np.any(np.abs(np.frexp(wide)[0]) != 0.5):  # not a power of two
@@ -128,8 +157,12 @@ def _has_exact_reciprocal(c) -> bool:
 
 def _negation_is_exact(dtype) -> bool:
     """x − c = x + (−c): IEEE defines subtraction so; two's complement wraps the same way."""
-    return _is_float(dtype) or jnp.issubdtype(dtype, jnp.complexfloating) or \
-        jnp.issubdtype(dtype, jnp.signedinteger)
+    return _is_float(dtype) or _is_complex(dtype) or _is_signed_int(dtype)
+
+
+@functools.cache
+def _is_signed_int(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.signedinteger)
 
 
 def _holds(wide, narrow) -> bool:
@@ -175,8 +208,7 @@ def _rightness(value) -> int:
 def _belongs_on_the_right(c) -> bool:
     # Not complex: with FMA contraction a complex product rounds one of its partial products
     # first, and which one depends on the operand order.
-    complex_ = jnp.issubdtype(c["x"].type.dtype, jnp.complexfloating)
-    return not complex_ and _rightness(c["x"]) > _rightness(c["y"])
+    return _rightness(c["x"]) > _rightness(c["y"]) and not _is_complex(c["x"].type.dtype)
 
 
 def _is_unit_dim_insertion(c) -> bool:
