@@ -2,7 +2,7 @@
 
     op         implementation  backend  kernel
     attention  "xla"           any      jax.nn.dot_product_attention(implementation="xla")
-                               cpu      the same, without f16 (XLA:CPU has no F16_F16_F32 dot)
+                               cpu      the same, f32 only (XLA:CPU lacks the bf16/f16 dot algorithms)
     attention  "cudnn"         gpu      jax.nn.dot_product_attention(implementation="cudnn")
     attention  "pallas_flash"  tpu      jax.experimental.pallas.ops.tpu.flash_attention (if importable)
 
@@ -58,8 +58,9 @@ def _common_support(in_types, p) -> str | None:
 
 
 def _xla_cpu_support(in_types, p) -> str | None:
-    if in_types[0].dtype == np.float16:  # the library asks for an F16_F16_F32 dot
-        return "dtype f16 (XLA:CPU has no F16_F16_F32 dot algorithm)"
+    if in_types[0].dtype != np.float32:  # the library asks for BF16_BF16_F32 / F16_F16_F32 dots
+        return (f"dtype {in_types[0].dtype} on CPU (jax.nn.dot_product_attention asks for "
+                "BF16_BF16_F32 / F16_F16_F32 dot algorithms, which XLA:CPU does not support)")
     return _common_support(in_types, p)
 
 

@@ -1,0 +1,136 @@
+"""lowering/kernels.py and the dispatch in emit: attention kernels against the reference over
+drawn shapes (GQA groupings, causal, bias, masks, fills, both layouts, rank 3), and the errors for a
+kernel that is missing on this backend or does not support a node."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+
+import graphopt
+from graphopt import implementations, nn_ops
+from graphopt.errors import GraphError
+from graphopt.ir import Graph
+from graphopt.testing import assert_equivalent
+from graphopt.types import TensorType
+
+EXAMPLES = max(5, settings().max_examples // 5)
+# XLA:CPU lacks the bf16 x bf16 -> f32 dot algorithm jax.nn.dot_product_attention asks for.
+DTYPES = [np.float32] if jax.default_backend() == "cpu" else [np.float32, jnp.bfloat16]
+
+
+def attention_graph(arrays, implementation, **params):
+    g = Graph()
+    inputs = [g.add_input(TensorType(a.shape, a.dtype)) for a in arrays]
+    q, k, v, *extra = inputs
+    bias = extra.pop(0) if params.pop("bias", False) else None
+    mask = extra.pop(0) if params.pop("mask", False) else None
+    g.set_outputs([nn_ops.attention_node(g, q, k, v, bias, mask, implementation=implementation, **params)])
+    g.verify()
+    return g
+
+
+def run(g, arrays):
+    return jax.jit(graphopt.lower(g).flat)(*arrays)[0]
+
+
+@st.composite
+def attention_cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    layout = draw(st.sampled_from(["BTNH", "BNTH"]))
+    batch = draw(st.sampled_from([None, 1, 2]))
+    t, s, kv, groups, h = (draw(st.integers(1, 6)), draw(st.integers(1, 6)), draw(st.integers(1, 2)),
+                           draw(st.integers(1, 3)), draw(st.sampled_from([4, 8])))
+    n = kv * groups
+
+    def shape(length, heads):
+        dims = (length, heads, h) if layout == "BTNH" else (heads, length, h)
+        return dims if batch is None else (batch, *dims)
+
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    randn = lambda shape, dt=dtype: jnp.asarray(rng.standard_normal(shape), np.float32).astype(dt)
+    arrays = [randn(shape(t, n)), randn(shape(s, kv)), randn(shape(s, kv))]
+    scores = (n, t, s) if batch is None else (batch, n, t, s)
+
+    def broadcast_shape():  # a shape broadcasting to the scores: some dims 1, maybe fewer dims
+        dims = [d if draw(st.booleans()) else 1 for d in scores]
+        return tuple(dims[draw(st.integers(0, len(dims) - 2)):])
+
+    params = dict(is_causal=draw(st.booleans()), layout=layout, scale=draw(st.sampled_from([None, 0.3])))
+    if draw(st.booleans()):
+        params["bias"] = True
+        arrays.append(randn(broadcast_shape(), draw(st.sampled_from([np.float32, dtype]))))
+    if draw(st.booleans()):
+        params["mask"] = True
+        arrays.append(jnp.asarray(rng.random(broadcast_shape()) < 0.6))
+    params["mask_value"] = draw(st.sampled_from([None, -1e9, float(jnp.finfo(np.float32).min)]))
+    return arrays, params
+
+
+@settings(max_examples=EXAMPLES)
+@given(case=attention_cases())
+def test_xla_kernel_matches_reference(case):
+    arrays, params = case
+    note(f"types: {[TensorType(a.shape, a.dtype) for a in arrays]}, params: {params}")
+    reference = run(attention_graph(arrays, None, **params), arrays)
+    kernel = run(attention_graph(arrays, "xla", **params), arrays)
+    loose = 2e-2 if arrays[0].dtype == jnp.bfloat16 else 2e-5
+    assert_equivalent(kernel, reference, rtol=loose, atol=loose)
+
+
+def test_xla_kernel_gradients_match_reference():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 4, 3, 8)), np.float32) for _ in range(3))
+    q = jnp.tile(q, (1, 1, 2, 1))  # 6 query heads over 3 kv heads
+    bias = jnp.asarray(rng.standard_normal((1, 6, 4, 4)), np.float32)
+    mask = jnp.asarray(rng.random((2, 1, 4, 4)) < 0.7)
+    arrays = [q, k, v, bias, mask]
+    grads = {}
+    for implementation in (None, "xla"):
+        f = graphopt.lower(attention_graph(arrays, implementation, bias=True, mask=True, is_causal=True)).flat
+        grads[implementation] = jax.jit(jax.grad(lambda *a: (f(*a)[0] ** 2).sum(), argnums=(0, 1, 2, 3)))(*arrays)
+    assert_equivalent(grads["xla"], grads[None], rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_table():
+    assert [k.implementation for k in implementations.available("attention", "cpu")] == ["xla"]
+    assert "cudnn" in [k.implementation for k in implementations.available("attention", "gpu")]
+    assert implementations.find("attention", "cudnn", "cpu") is None
+    assert implementations.find("attention", "xla", "gpu").backend is None
+    assert implementations.find("attention", "xla", "cpu").backend == "cpu"  # no f16 there
+    f16 = [TensorType((1, 2, 2, 8), np.float16)] * 3
+    params = next(attention_graph([jnp.ones((1, 2, 2, 8))] * 3, None).nodes).params
+    assert "F16_F16_F32" in implementations.find("attention", "xla", "cpu").unsupported(f16, params)
+    bf16 = [TensorType((1, 2, 2, 8), jnp.bfloat16)] * 3
+    assert "on CPU" in implementations.find("attention", "xla", "cpu").unsupported(bf16, params)
+    assert implementations.find("attention", "xla", "gpu").unsupported(f16, params) is None
+    assert "f32" in implementations.find("attention", "cudnn", "gpu").unsupported(
+        [TensorType((1, 2, 2, 8), np.float32)] * 3, params)
+
+
+def test_missing_kernel_is_an_error_not_a_fallback():
+    arrays = [jnp.ones((1, 3, 2, 8))] * 3
+    g = attention_graph(arrays, "cudnn")
+    with pytest.raises(GraphError, match=r"attention: implementation 'cudnn' has no kernel on backend "
+                                         r"'cpu' \(available here: \['xla'\]\)\. Run fuse_attention") as err:
+        run(g, arrays)
+    assert "set the node's implementation to None" in str(err.value)
+
+
+@pytest.mark.parametrize("params, why", [
+    (dict(mask=True, mask_value=float("-inf")), "mask_value -inf"),
+    (dict(is_causal=True, mask_value=-10.0), r"mask_value -10\.0"),
+])
+def test_unsupported_node_is_an_error(params, why):
+    arrays = [jnp.ones((1, 3, 2, 8))] * 3 + ([jnp.ones((3, 3), bool)] if params.get("mask") else [])
+    with pytest.raises(GraphError, match=rf"kernel 'xla' on backend 'cpu' does not support this node: {why}"):
+        run(attention_graph(arrays, "xla", **params), arrays)
+
+
+def test_value_head_dim_other_than_query_head_dim_runs_on_the_reference_only():
+    arrays = [jnp.ones((1, 3, 2, 8)), jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 16))]
+    assert run(attention_graph(arrays, None), arrays).shape == (1, 3, 2, 16)
+    with pytest.raises(GraphError, match="value head dim 16 differs"):
+        run(attention_graph(arrays, "xla"), arrays)
