@@ -1,0 +1,161 @@
+"""fuse_attention: run each attention node on the fastest kernel of the target backend.
+
+    %o = attention %q, %k, %v, %mask {scale=0.125, is_causal=True, implementation=None}
+           decomposition { dot_general, mul, select_n, reduce_max, exp, ..., dot_general }
+  →
+    %o = attention %q, %k, %v, %mask {..., implementation="cudnn"}      (decomposition kept)
+
+raise_ops recognizes attention and keeps the source's primitives as the node's decomposition, so
+it changes nothing. This pass picks, per node, what the lowering runs: the decomposition (or the
+reference, without one) or a kernel from `graphopt.implementations` (jax.nn.dot_product_attention
+"xla" anywhere, "cudnn" on GPU, "pallas_flash" on TPU), among those that support the node's shapes,
+dtypes and params (`Kernel.unsupported`). XLA cannot make this choice itself: it never turns a
+softmax(QKᵀ)V chain into a flash-attention custom call.
+
+How it chooses (`measure=True`, the default, on the backend this process runs):
+    each distinct (backend, input types, params, decomposition ops) is compiled alone with
+    jax.jit on random inputs for the decomposition and every candidate kernel; the median of
+    `repeats` runs decides. A kernel is taken only if it beats the decomposition by `margin`
+    (5%), so the result is never slower than the unfused program by more than measurement
+    noise; otherwise the node keeps implementation None. Measurements are cached in-process.
+With `measure=False`, or for a `backend=` other than this process's: a static preference table
+(cuDNN on GPU, Pallas flash on TPU, nothing on CPU: "xla" is never chosen there unmeasured).
+
+Plumbing: passes/ never imports lowering/. The kernels live in lowering/kernels.py and register
+into the table in graphopt/implementations.py; this pass only reads the table and sets the node's
+`implementation` param, and times nodes with `graphopt.implementations.measure` (which lowers
+one node; graphopt/ may use the lowering, as param_prep does). `timer=` replaces that function
+(tests inject fake timings, so decisions are deterministic).
+
+Trade-offs: measurement costs one compile per candidate per distinct shape (seconds for large
+sequences) and times the node alone, not inside the model (fusion with neighbours can differ).
+The kernels round differently from the source: contract approximate(0.03), 4 bf16 ulps relative to
+the largest output; NaN and ±Inf positions are kept (kernels refuse fills that would change them).
+Decisions are reported with ctx.note and counted per implementation.
+
+Example (a fake timer: "xla" takes half the time of the decomposition):
+    >>> import numpy as np
+    >>> from graphopt import nn_ops
+    >>> from graphopt.ir import Graph
+    >>> from graphopt.pipeline import run_pipeline
+    >>> from graphopt.types import TensorType
+    >>> g = Graph()
+    >>> q, k, v = (g.add_input(TensorType((1, 16, 2, 8), np.float32)) for _ in range(3))
+    >>> g.set_outputs([nn_ops.attention_node(g, q, k, v, is_causal=True)])
+    >>> fake = lambda node, implementation: 1.0 if implementation is None else 0.5
+    >>> result = run_pipeline(g, [PassSpec("fuse_attention", options={"timer": fake})])
+    >>> next(result.graph.nodes).params["implementation"], dict(result.report.records[0].fired)
+    ('xla', {'fuse_attention/xla': 1})
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import jax
+
+from graphopt import implementations
+from graphopt.ops import params_key
+from graphopt.pipeline import PassSpec, approximate, register_pass  # noqa: F401 (PassSpec: example)
+
+BOUND = 0.03
+
+# The kernel to take without measuring, in order of preference, per backend.
+STATIC_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "gpu": ("cudnn",),
+    "tpu": ("pallas_flash",),
+    "cpu": (),
+}
+
+_MEASURED: dict[tuple, float] = {}  # (node key, implementation) -> median seconds, default timer only
+
+
+@register_pass("fuse_attention", contract=approximate(BOUND))
+def fuse_attention(graph, ctx, *, backend: str | None = None, measure: bool = True, repeats: int = 5,
+                   margin: float = 0.05, timer=None):
+    """Set each attention node's implementation to the fastest supported kernel, or keep None."""
+    here = jax.default_backend()
+    backend = backend or here
+    if measure and backend != here:
+        ctx.note(f"cannot measure for backend {backend!r} from {here!r}: static choice")
+        measure = False
+    nodes = [n for n in graph.walk() if n.op.name == "attention" and n.params["implementation"] is None]
+    chosen: Counter = Counter()
+    decisions: dict[tuple, str | None] = {}
+    for node in nodes:
+        key = _key(node, backend)
+        if key not in decisions:
+            candidates = _candidates(node, backend, ctx)
+            decisions[key] = (_measured_choice(node, key, candidates, ctx, timer, repeats, margin)
+                              if measure else _static_choice(candidates, backend))
+        name = decisions[key]
+        chosen[f"fuse_attention/{name or 'decomposition'}"] += 1
+        if name is not None:
+            _set_implementation(node, name)
+    ctx.count(chosen)
+    return graph
+
+
+def _key(node, backend: str) -> tuple:
+    params = {k: v for k, v in node.params.items() if k != "implementation"}
+    ops = tuple(n.op.name for r in node.regions for n in r.walk())
+    return (backend, tuple(node.input_types), params_key(params), ops)
+
+
+def _candidates(node, backend: str, ctx) -> list[str]:
+    names = []
+    for kernel in implementations.available("attention", backend):
+        reason = kernel.unsupported(node.input_types, node.params)
+        if reason:
+            ctx.note(f"{_what(node)}: {kernel.implementation} not supported: {reason}")
+        else:
+            names.append(kernel.implementation)
+    return names
+
+
+def _static_choice(candidates: list[str], backend: str) -> str | None:
+    for name in STATIC_PREFERENCE.get(backend, ()):
+        if name in candidates:
+            return name
+    return None
+
+
+def _measured_choice(node, key, candidates, ctx, timer, repeats, margin) -> str | None:
+    if not candidates:
+        return None
+    cache = _MEASURED if timer is None else {}
+    timer = timer or (lambda n, impl: implementations.measure(n, impl, repeats=repeats))
+    times: dict[str | None, float] = {}
+    for name in [None, *candidates]:
+        if (key, name) not in cache:
+            try:
+                cache[(key, name)] = float(timer(node, name))
+            except Exception as err:  # e.g. cuDNN refusing a shape at compile time
+                if name is None:
+                    raise
+                ctx.note(f"{_what(node)}: {name} failed to compile, skipped: {type(err).__name__}: {err}")
+                continue
+        times[name] = cache[(key, name)]
+    base = times[None]
+    best = min((t, name) for name, t in times.items() if name is not None) if len(times) > 1 else None
+    pick = best[1] if best is not None and best[0] < base * (1 - margin) else None
+    shown = ", ".join(f"{name or 'decomposition'} {t * 1e3:.3g} ms" for name, t in times.items())
+    ctx.note(f"{_what(node)}: {shown} -> {pick or 'decomposition'}")
+    return pick
+
+
+def _set_implementation(node, name: str) -> None:
+    """Replace `node` by a copy with `implementation=name` (params are never mutated in place:
+    graph copies share them), holding the same decomposition."""
+    graph = node.graph
+    new = graph.add_node(node.op, node.inputs, {**node.params, "implementation": name}, node.regions,
+                         node.provenance.derived("fuse_attention"), before=node)
+    for old, value in zip(node.outputs, new.outputs):
+        graph.replace_all_uses(old, value)
+    graph.erase(node)
+
+
+def _what(node) -> str:
+    types = ", ".join(str(t) for t in node.input_types)
+    where = node.provenance.describe()
+    return f"attention({types}) at {where}"

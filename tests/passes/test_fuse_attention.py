@@ -1,0 +1,157 @@
+"""fuse_attention: decisions by (injected, deterministic) timings, the static table, the cache,
+and the lowered graph against the original within the contract bound, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import graphopt
+from graphopt import nn_ops
+from graphopt.ir import Graph
+from graphopt.passes import fuse_attention as fa
+from graphopt.pipeline import PASSES, PassSpec, run_pipeline
+from graphopt.types import TensorType
+from graphopt.validate import compare
+
+
+def handwritten(q, k, v, mask):
+    """Causal attention as a model writes it (BTNH, GQA by repeating kv heads, -1e9 fill)."""
+    k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k) / float(np.sqrt(q.shape[-1]))
+    keep = jnp.logical_and(mask, jnp.tril(jnp.ones(scores.shape[-2:], bool)))
+    scores = jnp.where(keep, scores, -1e9)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, axis=-1), v)
+
+
+def inputs(t=6, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((2, t, 4, 8)), np.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, t, 2, 8)), np.float32) for _ in range(2))
+    mask = jnp.asarray(rng.random((2, 1, t, t)) < 0.8)
+    return [q, k, v, mask]
+
+
+def attention_graph(arrays, count=1):
+    """`count` attention nodes over the same inputs, each holding `handwritten` as decomposition."""
+    g = Graph()
+    q, k, v, mask = (g.add_input(TensorType(a.shape, a.dtype)) for a in arrays)
+    region_types = [x.type for x in (q, k, v, mask)]
+    outs = [nn_ops.attention_node(g, q, k, v, mask=mask, is_causal=True, mask_value=-1e9,
+                                  decomposition=nn_ops.decomposition(handwritten, region_types))
+            for _ in range(count)]
+    g.set_outputs(outs)
+    g.verify()
+    return g
+
+
+def run_pass(g, **options):
+    result = run_pipeline(g, [PassSpec("fuse_attention", options=options)], debug=True)
+    return result.graph, result.report.records[0]
+
+
+def implementations_of(g):
+    return [n.params["implementation"] for n in g.walk() if n.op.name == "attention"]
+
+
+class FakeTimer:
+    def __init__(self, times):
+        self.times, self.calls = times, []
+
+    def __call__(self, node, implementation):
+        self.calls.append(implementation)
+        return self.times[implementation]
+
+
+@pytest.mark.parametrize("xla_time, expected", [
+    (0.5, "xla"),    # clearly faster: taken
+    (0.97, None),    # within the 5% margin: noise, the decomposition stays
+    (2.0, None),     # slower: never taken
+])
+def test_measured_choice(xla_time, expected):
+    g = attention_graph(inputs(), count=2)
+    timer = FakeTimer({None: 1.0, "xla": xla_time})
+    g, record = run_pass(g, timer=timer)
+    assert implementations_of(g) == [expected, expected]
+    assert timer.calls == [None, "xla"]  # two identical nodes: measured once
+    assert record.fired == {f"fuse_attention/{expected or 'decomposition'}": 2}
+    assert any(f"-> {expected or 'decomposition'}" in note and "decomposition 1e+03 ms" in note
+               for note in record.notes), record.notes
+    assert all(len(n.regions) == 1 for n in g.nodes if n.op.name == "attention")  # kept
+
+
+def test_a_kernel_that_fails_to_compile_is_skipped():
+    def timer(node, implementation):
+        if implementation == "xla":
+            raise NotImplementedError("no such shape")
+        return 1.0
+
+    g, record = run_pass(attention_graph(inputs()), timer=timer)
+    assert implementations_of(g) == [None]
+    assert any("xla failed to compile, skipped: NotImplementedError" in n for n in record.notes)
+
+
+def test_static_choice_never_picks_xla_on_cpu_and_cudnn_on_gpu():
+    g, record = run_pass(attention_graph(inputs()), measure=False)
+    assert implementations_of(g) == [None]
+    # cuDNN takes f16/bf16 with head dim <= 128: an f32 node stays, a bf16 one is lowered to cudnn.
+    g, record = run_pass(attention_graph(inputs()), backend="gpu")
+    assert implementations_of(g) == [None]
+    assert any("cudnn not supported: dtype f32" in n for n in record.notes)
+    assert any("cannot measure for backend 'gpu'" in n for n in record.notes)
+    bf16 = [a.astype(jnp.bfloat16) if a.dtype == np.float32 else a for a in inputs()]
+    g, _ = run_pass(attention_graph(bf16), backend="gpu")
+    assert implementations_of(g) == ["cudnn"]
+
+
+def test_nodes_already_lowered_are_left_alone():
+    g = attention_graph(inputs())
+    g, _ = run_pass(g, timer=FakeTimer({None: 1.0, "xla": 0.1}))
+    timer = FakeTimer({None: 1.0, "xla": 0.1})
+    g, record = run_pass(g, timer=timer)
+    assert implementations_of(g) == ["xla"] and timer.calls == [] and not record.fired
+
+
+def test_measurements_are_cached_per_shape(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fa.implementations, "measure",
+                        lambda node, impl, repeats: calls.append(impl) or (2.0 if impl is None else 1.0))
+    monkeypatch.setattr(fa, "_MEASURED", {})
+    run_pass(attention_graph(inputs()))
+    run_pass(attention_graph(inputs()))
+    assert calls == [None, "xla"]  # the second graph's node has the same key
+    run_pass(attention_graph(inputs(t=5)))
+    assert calls == [None, "xla", None, "xla"]
+
+
+@pytest.mark.parametrize("timer", [FakeTimer({None: 1.0, "xla": 0.5}), None], ids=["xla", "measured"])
+def test_lowered_graph_matches_the_original_within_the_bound(timer):
+    arrays = inputs()
+    g = attention_graph(arrays)
+    before = jax.jit(graphopt.lower(g.clone()[0]).flat)
+    options = {"timer": timer} if timer else {"repeats": 3}
+    after_graph, record = run_pass(g, **options)
+    after = jax.jit(graphopt.lower(after_graph).flat)
+    result = compare(after(*arrays), before(*arrays), PASSES["fuse_attention"].contract)
+    assert result.problem is None, result.problem
+    if timer is None:  # real measurement on this machine: the pick is the fastest measured
+        assert any("->" in n for n in record.notes), record.notes
+
+    def loss(f):
+        return jax.jit(jax.grad(lambda q, k, v, m: (f(q, k, v, m)[0] ** 2).sum(), argnums=(0, 1, 2)))
+
+    grads = compare(jax.tree.leaves(loss(graphopt.lower(after_graph).flat)(*arrays)),
+                    jax.tree.leaves(loss(graphopt.lower(attention_graph(arrays)).flat)(*arrays)),
+                    PASSES["fuse_attention"].contract)
+    assert grads.problem is None, grads.problem
+
+
+def test_fully_masked_rows_keep_their_values():
+    arrays = inputs()
+    arrays[3] = arrays[3].at[0, 0, 2].set(False)  # row 2 of batch 0 sees no key
+    g = attention_graph(arrays)
+    expected = jax.jit(graphopt.lower(g.clone()[0]).flat)(*arrays)
+    g, _ = run_pass(g, timer=FakeTimer({None: 1.0, "xla": 0.5}))
+    assert implementations_of(g) == ["xla"]
+    actual = jax.jit(graphopt.lower(g).flat)(*arrays)
+    assert compare(actual, expected, PASSES["fuse_attention"].contract).problem is None
