@@ -17,7 +17,8 @@ Which ops: `ops` (default: dot_general, conv_general_dilated and graphopt's `lin
 `attention`); `elementwise=True` adds LOW_ELEMENTWISE (add, sub, mul, neg, max, min, abs, square:
 well conditioned, each result converted back to float32); `keep_f32` removes names from the set.
 Attention gets bfloat16 q, k, v and computes its logits and softmax in float32 (its reference
-implementation promotes them), as cuDNN's fused attention does. Never cast (PRECISION_SENSITIVE):
+implementation promotes them), as cuDNN's fused attention does; a composite whose kernel is already
+chosen (`implementation` set) is left alone, so run autocast before fuse_attention. Never cast (PRECISION_SENSITIVE):
 reductions and cumulative ops (sums of n terms lose log2(n) more bits), exp/log/logistic/tanh/erf
 and the other transcendentals (their error grows with |x|), div/rsqrt/sqrt/pow, and graphopt's
 softmax, layer_norm, rms_norm, gelu, silu: they keep float32 whatever the options say. Nodes of
@@ -143,6 +144,12 @@ def _all_f32(c) -> bool:
         all(v.type.dtype == F32 for v in node.outputs)
 
 
+def _composite_ok(c) -> bool:
+    """A composite whose kernel is not chosen yet: a kernel picked for float32 inputs (by
+    fuse_attention, which runs after this pass) may not support bfloat16 (XLA:CPU's does not)."""
+    return _all_f32(c) and c["out"].node.params.get("implementation") is None
+
+
 def _matmul_ok(c) -> bool:
     params = c["out"].node.params
     return _all_f32(c) and params.get("preferred_element_type") in (None, F32)
@@ -200,8 +207,8 @@ def _elementwise(b, out):
 
 RULES = [
     Rule("autocast/matmul", Op(MATMULS, Var("x"), Var("w"), name="out"), _matmul, where=_matmul_ok),
-    Rule("autocast/linear", Op("linear", name="out"), _linear, where=_all_f32),
-    Rule("autocast/attention", Op("attention", name="out"), _attention, where=_all_f32),
+    Rule("autocast/linear", Op("linear", name="out"), _linear, where=_composite_ok),
+    Rule("autocast/attention", Op("attention", name="out"), _attention, where=_composite_ok),
     Rule("autocast/elementwise", Op(LOW_ELEMENTWISE, name="out"), _elementwise, where=_all_f32),
 ]
 

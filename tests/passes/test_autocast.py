@@ -190,3 +190,13 @@ def test_linear_and_attention_run_low_softmax_and_norms_stay_f32():
     expected = jax.jit(graphopt.lower(reference).flat)(*args)
     actual = jax.jit(graphopt.lower(result.graph).flat)(*args)
     assert compare(actual, expected, approximate(BOUND)).problem is None
+
+
+def test_a_composite_with_a_chosen_kernel_is_left_alone():
+    from graphopt.ir import Graph
+    from graphopt.types import TensorType
+
+    g = Graph()
+    q = g.add_input(TensorType((2, 4, 2, 4), F32))
+    g.set_outputs([nn_ops.attention_node(g, q, q, q, implementation="xla")])
+    assert not run_pipeline(g, ["autocast"]).report.records[0].fired  # its kernel took f32 inputs

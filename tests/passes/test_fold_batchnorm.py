@@ -155,6 +155,22 @@ def test_grouped_and_depthwise_convs_fold_correctly(groups):
     _check_close(reference, result.graph, variables, x)
 
 
+def test_batch_grouped_conv_folds_correctly():
+    def f(p, x):  # batch_group_count: the convolution of weight gradients
+        y = jax.lax.conv_general_dilated(x, p["w"], (1, 1), "VALID", batch_group_count=2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y * p["s"] + p["t"]
+
+    rng = np.random.default_rng(10)
+    p = {"w": rng.normal(size=(3, 3, 3, 4)).astype(np.float32), "s": rng.normal(size=4).astype(np.float32),
+         "t": rng.normal(size=4).astype(np.float32)}
+    x = rng.normal(size=(4, 6, 6, 3)).astype(np.float32)
+    reference, result = _optimized(f, p, x, params_argnums=0)
+    # the bias's reshape of a parameter stays: XLA does it for free (see fold_params)
+    assert [n.op.name for n in result.graph.nodes] == ["conv_general_dilated", "reshape", "add"]
+    _check_close(reference, result.graph, p, x)
+
+
 def test_equinox_batchnorm_in_inference_mode():
     class M(eqx.Module):
         conv: eqx.nn.Conv2d
