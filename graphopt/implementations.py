@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -85,31 +85,43 @@ def missing(op: str, implementation: str, backend: str) -> str:
             "its decomposition, or register a kernel with graphopt.implementations.register.")
 
 
-def measure(node, implementation: str | None, *, repeats: int = 5, seed: int = 0) -> float:
-    """Median seconds of one run of `node`, alone and jitted on the default backend, with
-    `implementation` (None: its decomposition or reference), on random inputs of its types.
+def measure(node, candidates: Sequence[str | None], *, repeats: int = 5,
+            seed: int = 0) -> dict[str | None, float | Exception]:
+    """Median seconds of one run of `node`, alone and jitted on the default backend, for each
+    implementation in `candidates` (None: its decomposition or reference), on the same random
+    inputs of its types. A candidate that fails to compile maps to the exception it raised.
 
-    Compilation is not timed; one warm-up run is. Uses the lowering (imported here, not in
-    passes/), so what is measured is exactly what the lowered program will run.
+    Compilation is not timed; one warm-up run is. The runs are interleaved (round-robin), so a
+    change of machine load hits every candidate alike. Uses the lowering (imported here: graphopt/
+    may, as param_prep does; passes/ may not), so what is timed is what the program will run.
     """
     from graphopt.ir import Graph
     from graphopt.lowering.emit import lower
 
-    graph = Graph(f"measure_{node.op.name}")
-    inputs = [graph.add_input(t) for t in node.input_types]
-    regions = [r.clone()[0] for r in node.regions]
-    params = {**node.params, "implementation": implementation}
-    graph.set_outputs(list(graph.add_node(node.op, inputs, params, regions).outputs))
     rng = np.random.default_rng(seed)
     args = [_random(rng, t) for t in node.input_types]
-    compiled = jax.jit(lower(graph).flat).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    times = []
+    runs: dict = {}
+    results: dict[str | None, float | Exception] = {}
+    for name in candidates:
+        graph = Graph(f"measure_{node.op.name}")
+        inputs = [graph.add_input(t) for t in node.input_types]
+        regions = [r.clone()[0] for r in node.regions]
+        params = {**node.params, "implementation": name}
+        graph.set_outputs(list(graph.add_node(node.op, inputs, params, regions).outputs))
+        try:
+            compiled = jax.jit(lower(graph).flat).lower(*args).compile()
+            jax.block_until_ready(compiled(*args))
+        except Exception as err:  # e.g. cuDNN refusing a shape at compile time
+            results[name] = err
+            continue
+        runs[name] = (compiled, [])
     for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for compiled, times in runs.values():
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - start)
+    results.update({name: statistics.median(times) for name, (_, times) in runs.items()})
+    return results
 
 
 def _random(rng, t):

@@ -15,7 +15,7 @@ softmax(QKᵀ)V chain into a flash-attention custom call.
 How it chooses (`measure=True`, the default, on the backend this process runs):
     each distinct (backend, input types, params, decomposition ops) is compiled alone with
     jax.jit on random inputs for the decomposition and every candidate kernel; the median of
-    `repeats` runs decides. A kernel is taken only if it beats the decomposition by `margin`
+    `repeats` runs, interleaved across the candidates, decides. A kernel is taken only if it beats the decomposition by `margin`
     (5%), so the result is never slower than the unfused program by more than measurement
     noise; otherwise the node keeps implementation None. Measurements are cached in-process.
 With `measure=False`, or for a `backend=` other than this process's: a static preference table
@@ -24,8 +24,8 @@ With `measure=False`, or for a `backend=` other than this process's: a static pr
 Plumbing: passes/ never imports lowering/. The kernels live in lowering/kernels.py and register
 into the table in graphopt/implementations.py; this pass only reads the table and sets the node's
 `implementation` param, and times nodes with `graphopt.implementations.measure` (which lowers
-one node; graphopt/ may use the lowering, as param_prep does). `timer=` replaces that function
-(tests inject fake timings, so decisions are deterministic).
+one node; graphopt/ may use the lowering, as param_prep does). `timer(node, names) -> {name: seconds
+or exception}` replaces that function (tests inject fake timings: decisions are deterministic).
 
 Trade-offs: measurement costs one compile per candidate per distinct shape (seconds for large
 sequences) and times the node alone, not inside the model (fusion with neighbours can differ).
@@ -42,7 +42,7 @@ Example (a fake timer: "xla" takes half the time of the decomposition):
     >>> g = Graph()
     >>> q, k, v = (g.add_input(TensorType((1, 16, 2, 8), np.float32)) for _ in range(3))
     >>> g.set_outputs([nn_ops.attention_node(g, q, k, v, is_causal=True)])
-    >>> fake = lambda node, implementation: 1.0 if implementation is None else 0.5
+    >>> fake = lambda node, names: {name: 1.0 if name is None else 0.5 for name in names}
     >>> result = run_pipeline(g, [PassSpec("fuse_attention", options={"timer": fake})])
     >>> next(result.graph.nodes).params["implementation"], dict(result.report.records[0].fired)
     ('xla', {'fuse_attention/xla': 1})
@@ -124,23 +124,22 @@ def _measured_choice(node, key, candidates, ctx, timer, repeats, margin) -> str 
     if not candidates:
         return None
     cache = _MEASURED if timer is None else {}
-    timer = timer or (lambda n, impl: implementations.measure(n, impl, repeats=repeats))
-    times: dict[str | None, float] = {}
-    for name in [None, *candidates]:
-        if (key, name) not in cache:
-            try:
-                cache[(key, name)] = float(timer(node, name))
-            except Exception as err:  # e.g. cuDNN refusing a shape at compile time
-                if name is None:
-                    raise
-                ctx.note(f"{_what(node)}: {name} failed to compile, skipped: {type(err).__name__}: {err}")
-                continue
-        times[name] = cache[(key, name)]
-    base = times[None]
-    best = min((t, name) for name, t in times.items() if name is not None) if len(times) > 1 else None
+    timer = timer or (lambda n, names: implementations.measure(n, names, repeats=repeats))
+    todo = [name for name in [None, *candidates] if (key, name) not in cache]
+    if todo:
+        cache.update({(key, name): t for name, t in timer(node, todo).items()})
+    times = {name: cache[(key, name)] for name in [None, *candidates]}
+    for name, t in list(times.items()):
+        if isinstance(t, Exception):
+            if name is None:
+                raise t
+            ctx.note(f"{_what(node)}: {name} failed to compile, skipped: {type(t).__name__}: {t}")
+            del times[name]
+    base = times.pop(None)
+    best = min((t, name) for name, t in times.items()) if times else None
     pick = best[1] if best is not None and best[0] < base * (1 - margin) else None
-    shown = ", ".join(f"{name or 'decomposition'} {t * 1e3:.3g} ms" for name, t in times.items())
-    ctx.note(f"{_what(node)}: {shown} -> {pick or 'decomposition'}")
+    shown = ", ".join(f"{name} {t * 1e3:.3g} ms" for name, t in times.items())
+    ctx.note(f"{_what(node)}: decomposition {base * 1e3:.3g} ms, {shown} -> {pick or 'decomposition'}")
     return pick
 
 

@@ -134,3 +134,12 @@ def test_value_head_dim_other_than_query_head_dim_runs_on_the_reference_only():
     assert run(attention_graph(arrays, None), arrays).shape == (1, 3, 2, 16)
     with pytest.raises(GraphError, match="value head dim 16 differs"):
         run(attention_graph(arrays, "xla"), arrays)
+
+
+def test_measure_times_each_candidate_and_reports_failures():
+    arrays = [jnp.ones((1, 16, 2, 8))] * 3
+    node = next(attention_graph(arrays, None, is_causal=True).nodes)
+    times = implementations.measure(node, [None, "xla", "cudnn"], repeats=2)
+    assert isinstance(times[None], float) and isinstance(times["xla"], float) and times[None] > 0
+    assert isinstance(times["cudnn"], GraphError) and "no kernel on backend 'cpu'" in str(times["cudnn"])
+    assert node.params["implementation"] is None  # the node itself is left alone
