@@ -75,9 +75,14 @@ def fold_batchnorm(graph, ctx):
     """
     _DERIVED.clear()
     try:
-        ctx.count(rewrite(graph, RULES))
+        fired = rewrite(graph, RULES)
     finally:
         _DERIVED.clear()
+    ctx.count(fired)
+    folded = fired["fold_batchnorm/scale-into-kernel"]
+    if folded:
+        ctx.note(f"{folded} per-channel scale(s) folded into conv/matmul weights; fold_params "
+                 "precomputes them")
     return graph
 
 

@@ -85,6 +85,15 @@ def test_translation_validation_measures_the_error_within_the_bound():
     assert any("run in bfloat16" in note for note in record.notes)
 
 
+def test_optimize_with_verify_keeps_the_pass():
+    case = linen_models.make_mlp()
+    fast = graphopt.optimize(case.target, pipeline=INFERENCE, verify=True)
+    out = fast(*case.trace_args)
+    expected = jax.jit(case.fn)(*case.args)
+    assert np.abs(out - expected).max() <= BOUND * np.abs(expected).max()
+    assert any(a.type.dtype == BF16 for a in fast.graph.params())  # not reverted by validation
+
+
 def test_gradients_flow_through_the_casts():
     case = linen_models.make_mlp()
     graph = graphopt.trace(case.target, *case.trace_args)
