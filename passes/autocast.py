@@ -22,7 +22,8 @@ chosen (`implementation` set) is left alone, so run autocast before fuse_attenti
 reductions and cumulative ops (sums of n terms lose log2(n) more bits), exp/log/logistic/tanh/erf
 and the other transcendentals (their error grows with |x|), div/rsqrt/sqrt/pow, and graphopt's
 softmax, layer_norm, rms_norm, gelu, silu: they keep float32 whatever the options say. Nodes of
-other dtypes (float64, already low precision, integer) are left alone.
+other dtypes (float64, already low precision, integer) are left alone, and so is everything inside
+a composite's decomposition region (the composite is cast, or kept, whole).
 
 Numerics: `approximate(2^-5)`, the max error relative to an output's largest magnitude, as
 translation validation measures it. Rounding both operands to bfloat16 (u = 2^-8) changes each
@@ -137,11 +138,18 @@ def _is_float(value) -> bool:
 def _all_f32(c) -> bool:
     """The op is enabled, its float operands and its outputs are float32 (others: left alone)."""
     node = c["out"].node
-    if node.op.name not in _OPTIONS.get("ops", ()):
+    if node.op.name not in _OPTIONS.get("ops", ()) or _in_decomposition(node):
         return False
     floats = [v for v in node.inputs if _is_float(v)]
     return bool(floats) and all(v.type.dtype == F32 for v in floats) and \
         all(v.type.dtype == F32 for v in node.outputs)
+
+
+def _in_decomposition(node) -> bool:
+    """Inside a composite's "decomposition" region: the composite is cast whole (attention,
+    linear) or kept float32 whole (softmax, norms), never piecemeal."""
+    parent = node.graph.parent
+    return parent is not None and "decomposition" in getattr(parent.op, "region_names", ())
 
 
 def _composite_ok(c) -> bool:

@@ -209,3 +209,18 @@ def test_a_composite_with_a_chosen_kernel_is_left_alone():
     q = g.add_input(TensorType((2, 4, 2, 4), F32))
     g.set_outputs([nn_ops.attention_node(g, q, q, q, implementation="xla")])
     assert not run_pipeline(g, ["autocast"]).report.records[0].fired  # its kernel took f32 inputs
+
+
+def test_decomposition_regions_of_kept_composites_stay_f32():
+    from graphopt.ir import Graph
+    from graphopt.types import TensorType
+
+    g = Graph()
+    x = g.add_input(TensorType((2, 8), F32))
+    region = nn_ops.decomposition(lambda v: jax.nn.softmax(v * 2.0 - 1.0, axis=-1), [x.type])
+    g.set_outputs([nn_ops.softmax_node(g, x, decomposition=region)])  # (a region of any form)
+    result = run_pipeline(g, ["autocast(elementwise=True)"], debug=True)
+    assert not result.report.records[0].fired  # the region's mul and sub stay float32
+    inner = [n for n in result.graph.walk() if n.graph is not result.graph]
+    assert {"mul", "sub"} <= {n.op.name for n in inner}
+    assert all(v.type.dtype == F32 for n in inner for v in n.outputs)
