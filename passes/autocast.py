@@ -185,14 +185,14 @@ def _matmul(b, x, w, out):
 
 def _linear(b, out):
     """linear(x, w, [bias]) → linear(low x, low w, [bias], preferred f32): the bias adds in f32.
-    The decomposition region (float32 primitives) no longer fits; the reference lowering is used."""
+    The old decomposition (float32 primitives) no longer fits; the new one is the reference."""
     node = out.node
     if node.params.get("preferred_element_type") not in (None, F32):
         return None
     low = _OPTIONS["dtype"]
     x, w, *bias = node.inputs
     params = {**node.params, "preferred_element_type": F32}
-    return _typed(b.op(node.op, _cast(b, x, low), _cast(b, w, low), *bias, **params), out)
+    return _typed(_composite(b, node.op, [_cast(b, x, low), _cast(b, w, low), *bias], params), out)
 
 
 def _attention(b, out):
@@ -200,8 +200,17 @@ def _attention(b, out):
     node = out.node
     low = _OPTIONS["dtype"]
     q, k, v, *extra = node.inputs
-    result = b.op(node.op, _cast(b, q, low), _cast(b, k, low), _cast(b, v, low), *extra, **node.params)
-    return _typed(_cast(b, result, F32), out)
+    inputs = [_cast(b, q, low), _cast(b, k, low), _cast(b, v, low), *extra]
+    return _typed(_cast(b, _composite(b, node.op, inputs, node.params), F32), out)
+
+
+def _composite(b, op, inputs, params):
+    """A composite node whose decomposition is its reference implementation at the new types:
+    it lowers the same as without one, and cost counts its FLOPs."""
+    from graphopt.nn_ops import add_composite, decomposition
+
+    region = decomposition(lambda *xs: op.impl(*xs, regions=[], **params), [v.type for v in inputs])
+    return add_composite(b, op, inputs, params, region)
 
 
 def _elementwise(b, out):
