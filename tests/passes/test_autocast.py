@@ -201,6 +201,24 @@ def test_linear_and_attention_run_low_softmax_and_norms_stay_f32():
     assert compare(actual, expected, approximate(BOUND)).problem is None
 
 
+def test_after_raise_ops_composites_are_cast_and_keep_their_flops():
+    """The place in the pipeline: after raise_ops (linear, attention cast whole; norms, softmax
+    kept whole), before fuse_attention and fold_params."""
+    from graphopt.pipeline import PASSES
+
+    if "raise_ops" not in PASSES:
+        pytest.skip("raise_ops is not registered")
+    case = linen_models.make_encoder_padmask()
+    order = ["canonicalize", "fold_constants", "raise_ops", "autocast", "fold_params", "cse", "dce"]
+    reference, result = _run(case, order)
+    record = result.report.records[order.index("autocast")]
+    assert record.fired["autocast/linear"] == 9 and record.fired["autocast/attention"] == 2
+    assert record.flops[0] == record.flops[1]  # each cast composite's decomposition: its reference
+    kept = [n for n in result.graph.nodes if n.op.name in ("layer_norm", "softmax", "gelu")]
+    assert kept and all(v.type.dtype == F32 for n in kept for v in n.inputs)
+    assert _error(reference, result.graph, case.args) < BOUND
+
+
 def test_a_composite_with_a_chosen_kernel_is_left_alone():
     from graphopt.ir import Graph
     from graphopt.types import TensorType

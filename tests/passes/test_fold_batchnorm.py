@@ -112,6 +112,21 @@ def test_dense_batchnorm_folds_with_and_without_bias(use_bias):
     _check_close(reference, result.graph, variables, x)
 
 
+def test_belongs_before_raise_ops():
+    """raise_ops makes `dot + bias` a linear node, which the rules do not look into: fold first."""
+    from graphopt.pipeline import PASSES
+
+    if "raise_ops" not in PASSES:
+        pytest.skip("raise_ops is not registered")
+    x = np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32)
+    model = DenseBN(True)
+    variables = numpy_init(jax.eval_shape(model.init, jax.random.key(0), x), seed=2)
+    order = ["canonicalize", "fold_batchnorm", "raise_ops", "fold_params", "dce"]
+    reference, result = _optimized(model.apply, variables, x, pipeline=order)
+    assert [n.op.name for n in result.graph.nodes] == ["linear"]  # matmul, folded BN bias
+    _check_close(reference, result.graph, variables, x)
+
+
 class ResBlock(nn.Module):
     train: bool = False
 
