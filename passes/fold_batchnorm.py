@@ -17,12 +17,14 @@ set of weights. What stays on activations is one conv or matmul and one bias add
 
 Conditions, all exact: the scale and every bias are parameter-derived (role "param" inputs and
 constants only, no effects, no regions: what fold_params moves to the prep); so is the weight
-operand; the scale varies only along output dims that come from the weight's output features (a
-scale along batch or spatial dims is left alone); the linear result and each intermediate has no
-other reader (`single_use`: no work is duplicated); dtypes agree (float32 or float64 only: in half
-precision rounding `W·s` to 8 or 11 bits would exceed the bound) and are preserved. Grouped and
-depthwise convs fold the same way: output feature k of any feature or batch grouping is computed
-from kernel slice k alone. Nothing is folded inside regions (their inputs are not parameters).
+operand, and a parameter is among the sources of `W·s` (of constants only, nothing would
+precompute it: fold_constants has run); the scale varies only along output dims that come from
+the weight's output features (a scale along batch or spatial dims is left alone); the linear
+result and each intermediate has no other reader (`single_use`: no work is duplicated); dtypes
+agree (float32 or float64 only: in half precision rounding `W·s` to 8 or 11 bits would exceed the
+bound) and are preserved. Grouped and depthwise convs fold the same way: output feature k of any
+feature or batch grouping is computed from kernel slice k alone. Nothing is folded inside regions
+(their inputs are not parameters).
 
 Numerics: `approximate(1e-4)`, relative to the output's largest magnitude, as validation measures it.
 Folding rounds `W·s` once per weight, drops the rounding of the final multiply and reassociates
@@ -36,7 +38,7 @@ biases changes no non-finite sum — unless an intermediate overflows, which is 
 holding ±Inf or NaN (an infinite gamma, or var = −eps) would change them; nothing here can see
 parameter values, which exist only when the prep runs, so that case is documented, not checked.
 The sign of an exact-zero result may differ when s < 0 and the zero comes from cancellation
-((a − a)·(−1) = −0, but a·(−1) + (−a)·(−1) = +0); after a bias add both are +0.
+((a − a)·(−1) = −0, but a·(−1) + (−a)·(−1) = +0); adding a nonzero or +0 bias evens it out.
 
 Example:
     >>> import graphopt, jax, jax.numpy as jnp
@@ -73,11 +75,12 @@ def fold_batchnorm(graph, ctx):
     >>> dict(run_pipeline(g, ["fold_batchnorm"]).report.records[0].fired)
     {'fold_batchnorm/scale-into-kernel': 1}
     """
-    _DERIVED.clear()
+    global _DERIVED
+    _DERIVED = {}
     try:
         fired = rewrite(graph, RULES)
     finally:
-        _DERIVED.clear()
+        _DERIVED = None
     ctx.count(fired)
     folded = fired["fold_batchnorm/scale-into-kernel"]
     if folded:
@@ -88,35 +91,45 @@ def fold_batchnorm(graph, ctx):
 
 # --- parameter-derived values --------------------------------------------------------------------
 
-# id(value) -> (value, derived?) during one run; holding the value keeps its id unique.
-_DERIVED: dict = {}
+# id(value) -> (value, PARAM | CONSTANT | None) during one run; holding the value keeps its id
+# unique. Outside a run (explain()) each question gets a fresh memo: graphs change between runs.
+_DERIVED: dict | None = None
+PARAM, CONSTANT = "param", "constant"
 
 
 def param_derived(value) -> bool:
     """Whether `value` is computed from role-"param" inputs and constants only (no effects,
     regions or opaque ops): the values fold_params can precompute."""
+    return _derivation(value) is not None
+
+
+def _derivation(value) -> str | None:
+    """PARAM (parameter-derived, some parameter among the sources), CONSTANT (constants only:
+    fold_params would leave it, fold_constants has run) or None (depends on an input)."""
+    memo = _DERIVED if _DERIVED is not None else {}
     stack = [value]
     while stack:
         v = stack[-1]
-        if id(v) in _DERIVED:
+        if id(v) in memo:
             stack.pop()
             continue
         node = v.node
         if node is None:
-            result = getattr(v, "role", None) == "param"
+            result = PARAM if getattr(v, "role", None) == "param" else None
         elif node.op.name == "constant":
-            result = True
+            result = CONSTANT
         elif node.effects or node.regions or node.op.kind == "opaque" or not node.inputs:
-            result = False
+            result = None
         else:
-            pending = [u for u in node.inputs if id(u) not in _DERIVED]
+            pending = [u for u in node.inputs if id(u) not in memo]
             if pending:
                 stack.extend(pending)
                 continue
-            result = all(_DERIVED[id(u)][1] for u in node.inputs)
-        _DERIVED[id(v)] = (v, result)
+            sources = {memo[id(u)][1] for u in node.inputs}
+            result = None if None in sources else PARAM if PARAM in sources else CONSTANT
+        memo[id(v)] = (v, result)
         stack.pop()
-    return _DERIVED[id(value)][1]
+    return memo[id(value)][1]
 
 
 class Weights(Pattern):
@@ -208,7 +221,12 @@ def _chain_linear(v):
 
 
 def _scale_into_kernel_ok(c) -> bool:
-    return c["out"].type == c["y"].type and _linear_ok(c["y"]) and _per_channel(c["s"], c["y"])
+    """Also: W·s has a parameter source, so fold_params precomputes it (constants only would
+    leave the product to run on every call)."""
+    y = c["y"]
+    if not (c["out"].type == y.type and _linear_ok(y) and _per_channel(c["s"], y)):
+        return False
+    return PARAM in (_derivation(y.node.inputs[_weight_side(y)]), _derivation(c["s"]))
 
 
 def _through_bias_ok(c) -> bool:

@@ -261,6 +261,13 @@ def test_weights_that_are_inputs_and_half_precision_do_not_fold():
     assert fired == {}
 
 
+def test_constant_weights_and_scale_do_not_fold():
+    """W·s of constants only would run on every call: fold_params moves parameter work only."""
+    weights = jnp.asarray(W)
+    _, fired = _fold_only(lambda x: _conv(x, weights) * 2.0, X, params_argnums=None)
+    assert fired == {}
+
+
 def test_nan_and_inf_inputs_keep_their_positions():
     def f(p, x):
         return ((x @ p["w"]) - p["mean"]) * p["s"] + p["beta"]
