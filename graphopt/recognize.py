@@ -1,0 +1,311 @@
+"""Helpers for recognizing composite ops in primitive graphs: more pattern combinators, constant-only
+values, and the reductions that norms and softmax are made of.
+
+- `AnyOf(p, q, ...)`: the first alternative that matches (each tried on a copy of the captures).
+- `Maybe(ops, p)`: `p`, or an op of `ops` applied to `p` (an optional reshape, stop_gradient, ...).
+- `Scalar(name, where=...)`: a value computed from constants only (a literal, `sqrt(64.0)`,
+  `8.0 - convert(0)`) holding one number; `where` tests that number. `constant_array(value)`
+  evaluates such a value.
+- `Mean(p)`: `reduce_sum(p) * (1/n)` or `reduce_sum(p) / n`, n the number of summed elements,
+  optionally with a keepdims reshape between the sum and the scaling; `Kept(p)`: `p` or `p` with
+  size-1 dims inserted (keepdims) or expanded. Both record what they matched in the captures
+  (`"_means"`, `"_kept"`) so that a rule's `where` can check that every reduction runs over the
+  same axes and every keepdims reshape puts the ones at those axes (`reductions_agree`).
+
+Example:
+    >>> import graphopt, jax.numpy as jnp
+    >>> from graphopt.pattern import Op, Var
+    >>> g = graphopt.trace(lambda x: x - x.mean(-1, keepdims=True), jnp.ones((2, 6)))
+    >>> root = list(g.nodes)[-1].output
+    >>> captures = {}
+    >>> Op("sub", Var("x"), Kept(Mean(Var("x")))).match(root, captures, None)
+    True
+    >>> captures["_means"][0][0], reductions_agree(captures)
+    ((1,), True)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from graphopt import _jax_compat as compat
+from graphopt.ir import Value
+from graphopt.pattern import Op, Pattern, _bind, _fail
+
+# Constant-only values up to this many elements are evaluated (masks of long sequences are not).
+MAX_EVAL_ELEMENTS = 1 << 22
+
+
+class AnyOf(Pattern):
+    """Matches if one of `alternatives` matches; the captures are those of the first that does."""
+
+    def __init__(self, *alternatives: Pattern, name: str | None = None):
+        self.alternatives = alternatives
+        self.name = name
+
+    def match(self, value, captures, why):
+        for pattern in self.alternatives:
+            trial = dict(captures)
+            if pattern.match(value, trial, why) and _bind(self.name, value, trial, why):
+                captures.clear()
+                captures.update(trial)
+                return True
+        return _fail(why, "no alternative matches")
+
+
+def Maybe(ops, inner: Pattern, **op_options) -> Pattern:
+    """`inner`, or one op of `ops` (a name or set of names) applied to it."""
+    return AnyOf(Op(ops, inner, **op_options), inner)
+
+
+class Scalar(Pattern):
+    """A one-element value computed from constants only; `where(number)` must hold."""
+
+    def __init__(self, name: str | None = None, where: Callable[[float], bool] | None = None):
+        self.name, self.where = name, where
+
+    def match(self, value, captures, why):
+        if int(np.prod(value.type.shape)) != 1:
+            return _fail(why, lambda: f"expected a scalar, got {value.type}")
+        array = constant_array(value)
+        if array is None:
+            return _fail(why, "not computed from constants only")
+        number = array.reshape(()).item()
+        if self.where is not None and not self.where(number):
+            return _fail(why, lambda: f"constant {number!r} fails its condition")
+        if self.name is not None:
+            captures[f"_{self.name}"] = number
+        return _bind(self.name, value, captures, why)
+
+
+class Mean(Pattern):
+    """mean of `inner` over some axes: reduce_sum, optionally a keepdims step, then × 1/n or ÷ n
+    (n exactly the count of summed elements, 1/n as the dtype rounds it). Records
+    `(axes, summed value, result)` in `captures["_means"]`."""
+
+    def __init__(self, inner: Pattern, name: str | None = None):
+        self.inner, self.name = inner, name
+
+    def match(self, value, captures, why):
+        node = value.node
+        if node is None or node.op.name not in ("mul", "div") or len(node.inputs) != 2:
+            return _fail(why, "a mean is a reduce_sum scaled by 1/n")
+        summed, divisor = node.inputs
+        count = _scalar(divisor)
+        kept = summed
+        if summed.node is not None and summed.node.op.name in ("reshape", "broadcast_in_dim"):
+            summed = summed.node.inputs[0]
+        if count is None or summed.node is None or summed.node.op.name != "reduce_sum":
+            return _fail(why, "a mean is a reduce_sum scaled by 1/n")
+        axes = tuple(int(a) for a in summed.node.params["axes"])
+        source = summed.node.inputs[0]
+        n = math.prod(source.type.shape[a] for a in axes)
+        dtype = value.type.dtype
+        if node.op.name == "mul":
+            ok = count == float(np.asarray(1.0 / n, dtype))
+        else:
+            ok = count == n
+        if not ok:
+            return _fail(why, lambda: f"scaled by {count}, not 1/{n}")
+        if kept is not summed and not _is_keepdims(summed, kept, axes, source.type.shape):
+            return _fail(why, "the reshape between sum and scaling is not keepdims")
+        if not self.inner.match(source, captures, why):
+            return False
+        captures["_means"] = captures.get("_means", ()) + ((axes, source, value),)
+        return _bind(self.name, value, captures, why)
+
+
+class Kept(Pattern):
+    """`inner`, or `inner` reshaped to insert size-1 dims, or broadcast without moving dims.
+    Records `(input, result)` in `captures["_kept"]` for `reductions_agree`."""
+
+    def __init__(self, inner: Pattern):
+        self.inner = inner
+
+    def match(self, value, captures, why):
+        node = value.node
+        if node is not None and node.op.name in ("reshape", "broadcast_in_dim"):
+            trial = dict(captures)
+            if self.inner.match(node.inputs[0], trial, None):
+                trial["_kept"] = trial.get("_kept", ()) + ((node.inputs[0], value),)
+                captures.clear()
+                captures.update(trial)
+                return True
+        return self.inner.match(value, captures, why)
+
+
+class Broadcast(Pattern):
+    """`inner`, or `inner` reshaped or broadcast the way numpy broadcasting would do it (size-1
+    dims prepended; `broadcast_in_dim` onto the trailing dims): a scale or bias operand."""
+
+    def __init__(self, inner: Pattern):
+        self.inner = inner
+
+    def match(self, value, captures, why):
+        node = value.node
+        if node is not None and node.op.name in ("reshape", "broadcast_in_dim") and \
+                is_numpy_broadcast(node.inputs[0], value):
+            trial = dict(captures)
+            if self.inner.match(node.inputs[0], trial, None):
+                captures.clear()
+                captures.update(trial)
+                return True
+        return self.inner.match(value, captures, why)
+
+
+def is_numpy_broadcast(before: Value, after: Value) -> bool:
+    """`after` (a reshape or broadcast_in_dim of `before`) holds what numpy broadcasting of
+    `before` to `after`'s shape holds."""
+    node, src, out = after.node, before.type.shape, after.type.shape
+    lead = len(out) - len(src)
+    if lead < 0:
+        return False
+    if node.op.name == "reshape":
+        return node.params.get("dimensions") is None and out == (1,) * lead + src
+    dims = tuple(node.params["broadcast_dimensions"])
+    return node.params.get("sharding") is None and dims == tuple(range(lead, len(out))) and \
+        all(d in (1, o) for d, o in zip(src, out[lead:]))
+
+
+def mean_axes(value: Value) -> tuple:
+    """The axes of a value matched by `Mean`."""
+    summed = value.node.inputs[0]
+    if summed.node.op.name != "reduce_sum":
+        summed = summed.node.inputs[0]
+    return tuple(int(a) for a in summed.node.params["axes"])
+
+
+def reductions_agree(captures: dict) -> bool:
+    """Every recorded mean reduces the same axes of values of one shape, and every keepdims step
+    recorded by `Kept` turns a reduced (or kept) value into the kept (or full) shape."""
+    means = captures.get("_means", ())
+    if not means:
+        return True
+    axes, source, _ = means[0]
+    shape = source.type.shape
+    if any(a != axes or s.type.shape != shape for a, s, _ in means):
+        return False
+    return keepdims_agree(captures, axes, shape)
+
+
+def keepdims_agree(captures: dict, axes, shape) -> bool:
+    """Every keepdims step recorded by `Kept` keeps the reduced `axes` of `shape` (or expands the
+    kept shape back to `shape`)."""
+    for before, after in captures.get("_kept", ()):
+        if not (_is_keepdims(before, after, axes, shape) or _is_expansion(before, after, axes, shape)):
+            return False
+    return True
+
+
+def kept_shape(shape, axes) -> tuple:
+    """`shape` with the reduced `axes` set to 1 (what keepdims=True leaves)."""
+    return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+
+def constant_array(value: Value, max_elements: int = MAX_EVAL_ELEMENTS) -> np.ndarray | None:
+    """The value as a numpy array if it is computed from constants only (no graph input, no
+    effects, no regions), else None. Evaluated eagerly with the graph's own primitives."""
+    memo: dict[int, Any] = {}
+    if not _constant_only(value, memo, max_elements):
+        return None
+    return np.asarray(_evaluate(value, memo))
+
+
+def evaluate_slice(inputs, arrays, outputs) -> list[np.ndarray] | None:
+    """Evaluate `outputs` with `inputs` bound to `arrays` (eagerly, with the graph's primitives),
+    or None if the slice between them reads another graph input, has effects or regions."""
+    memo: dict[int, Any] = {}
+    env = {id(v): a for v, a in zip(inputs, arrays)}
+    try:
+        return [np.asarray(_evaluate(v, memo, env)) for v in outputs]
+    except _NotEvaluable:
+        return None
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _scalar(value: Value):
+    if int(np.prod(value.type.shape)) != 1:
+        return None
+    array = constant_array(value)
+    return None if array is None else array.reshape(()).item()
+
+
+def _is_keepdims(before: Value, after: Value, axes, full_shape) -> bool:
+    """`after` is `before` (reduced over `axes`) with ones inserted at those axes."""
+    reduced = tuple(d for i, d in enumerate(full_shape) if i not in axes)
+    if before.type.shape != reduced or after.type.shape != kept_shape(full_shape, axes):
+        return False
+    return _moves_no_dims(after)
+
+
+def _is_expansion(before: Value, after: Value, axes, full_shape) -> bool:
+    """`after` broadcasts the kept `before` to the full shape along `axes`."""
+    return (before.type.shape == kept_shape(full_shape, axes) and after.type.shape == tuple(full_shape)
+            and _moves_no_dims(after))
+
+
+def _moves_no_dims(value: Value) -> bool:
+    node = value.node
+    if node.op.name == "reshape":
+        return node.params.get("dimensions") is None
+    dims = tuple(node.params["broadcast_dimensions"])
+    rank_in = node.inputs[0].type.ndim
+    out = value.type.shape
+    if rank_in == 0:
+        return all(d == 1 for d in out) or len(dims) == 0 and out == ()
+    return list(dims) == sorted(dims) and len(dims) == rank_in and node.params.get("sharding") is None \
+        and (rank_in == len(out) or all(out[d] == 1 for d in range(len(out)) if d not in dims))
+
+
+# Constant-only slices are small (a literal, an iota mask); a search past this many nodes gives up,
+# so asking about an activation does not walk the whole graph.
+MAX_CONSTANT_NODES = 64
+
+
+def _constant_only(value: Value, memo: dict, max_elements: int) -> bool:
+    stack = [value]
+    seen: set[int] = set()
+    while stack:
+        if len(seen) > MAX_CONSTANT_NODES:
+            return False
+        v = stack.pop()
+        node = v.node
+        if node is None:
+            return False
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.effects or node.regions or node.op.kind == "opaque":
+            return False
+        if any(int(np.prod(o.type.shape)) > max_elements for o in node.outputs):
+            return False
+        if node.op.name != "constant" and node.op.kind != "primitive":
+            return False
+        stack.extend(node.inputs)
+    return True
+
+
+class _NotEvaluable(Exception):
+    pass
+
+
+def _evaluate(value: Value, memo: dict, env: dict | None = None):
+    if env is not None and id(value) in env:
+        return env[id(value)]
+    node = value.node
+    if node is None:
+        raise _NotEvaluable(value)
+    if id(node) not in memo:
+        if node.op.name == "constant":
+            p = node.params
+            memo[id(node)] = [compat.make_constant(p["value"], p["dtype"], p["weak_type"])]
+        else:
+            if node.effects or node.regions or node.op.kind != "primitive":
+                raise _NotEvaluable(node)
+            args = [_evaluate(v, memo, env) for v in node.inputs]
+            memo[id(node)] = compat.bind(node.op.primitive, args, node.params)
+    return memo[id(node)][value.index]
