@@ -64,7 +64,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from graphopt.errors import GraphoptError
-from graphopt.passes.canonicalize import CANONICAL_RULES
 from graphopt.pattern import Op, Rule, Var, rewrite
 from graphopt.pipeline import approximate, register_pass
 
@@ -105,8 +104,6 @@ def autocast(graph, ctx, compute_dtype: str = "bfloat16", ops=DEFAULT_OPS, eleme
         fired = rewrite(graph, RULES)
     finally:
         _OPTIONS.clear()
-    if fired:  # convert(convert(y_low, f32), low) between cast ops is y_low: drop the round trips
-        fired.update(rewrite(graph, CLEANUP_RULES))
     ctx.count(fired)
     cast = sum(fired.values())
     if cast:
@@ -171,8 +168,16 @@ def _matmul_ok(c) -> bool:
 # --- replacements --------------------------------------------------------------------------------
 
 def _cast(b, value, dtype):
+    """`value` in `dtype`: a constant is converted now (closure weights halve too), a float32
+    value that was converted from `dtype` is that value, anything else gets a convert node."""
     if value.type.dtype == dtype or not _is_float(value):
         return value
+    node = value.node
+    if node is not None and node.op.name == "constant":
+        return b.const(np.asarray(node.params["value"]).astype(dtype), dtype=dtype)
+    if node is not None and node.op.name == "convert_element_type" and \
+            node.inputs[0].type.dtype == dtype:
+        return node.inputs[0]  # exact: float32 holds every value of the 16-bit dtype
     return b.jax(lambda v: jax.lax.convert_element_type(v, dtype), value)
 
 
@@ -233,7 +238,3 @@ RULES = [
     Rule("autocast/attention", Op("attention", name="out"), _attention, where=_composite_ok),
     Rule("autocast/elementwise", Op(LOW_ELEMENTWISE, name="out"), _elementwise, where=_all_f32),
 ]
-
-# canonicalize's exact convert rules: a widening round trip and an identity convert vanish.
-CLEANUP_RULES = [r for r in CANONICAL_RULES
-                 if r.name in ("canonicalize/convert-convert", "canonicalize/convert-identity")]

@@ -107,7 +107,7 @@ def test_gradients_flow_through_the_casts():
         assert np.abs(a - e).max() <= 4 * BOUND * np.abs(e).max()  # two matmuls per layer backward
 
 
-def test_elementwise_option_and_round_trips_between_cast_ops_vanish():
+def test_elementwise_option_without_round_trips_between_cast_ops():
     def f(w, x):
         h = (x @ w) * 2.0 + x[:, :3]
         return jnp.exp(h - 1.0)
@@ -117,7 +117,11 @@ def test_elementwise_option_and_round_trips_between_cast_ops_vanish():
     reference = graph.clone()[0]
     result = run_pipeline(graph, ["canonicalize", "autocast(elementwise=True)"], debug=True)
     fired = result.report.records[1].fired
-    assert fired["autocast/elementwise"] == 3 and fired["canonicalize/convert-convert"] >= 2
+    assert fired["autocast/elementwise"] == 3
+    converts = [n for n in result.graph.nodes if n.op.name == "convert_element_type"]
+    assert not any(n.inputs[0].node in converts for n in converts)  # no bf16 → f32 → bf16 trips
+    assert not any(n.op.name == "constant" and n.output.type.dtype == F32 and n.output.uses
+                   for n in result.graph.nodes)  # constants operands were converted at once
     ops = {n.op.name: n for n in result.graph.nodes}
     assert ops["mul"].output.type.dtype == BF16 and ops["add"].output.type.dtype == BF16
     assert ops["exp"].inputs[0].type.dtype == F32  # exp stays float32
