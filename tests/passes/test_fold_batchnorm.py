@@ -65,6 +65,7 @@ def test_framework_cnn_folds_every_batchnorm(make):
     reference, result = _optimized(case.target, *case.trace_args, **case.trace_kwargs)
     fired = _fired(result)
     assert fired["fold_batchnorm/scale-into-kernel"] == 2 and fired["fold_batchnorm/scale-through-bias"] == 2
+    assert _activation_bn_ops(reference) == ["sub", "mul"] * 2  # per BatchNorm: (y − mean)·s + beta
     assert _activation_bn_ops(result.graph) == []
     ops = [n.op.name for n in result.graph.nodes]
     assert ops.count("conv_general_dilated") == 2 and "rsqrt" not in ops and "sub" not in ops
