@@ -36,9 +36,18 @@ class Builder:
                  origin: Provenance | None = None):
         self.graph = graph
         self.before = before
-        origin = origin or (before.provenance if before is not None else Provenance())
-        self.provenance = origin.derived(made_by) if made_by else origin
+        self._origin = origin or (before.provenance if before is not None else Provenance())
+        self._made_by = made_by
+        self._provenance = None
         self._start = before._prev if before is not None else graph._last
+
+    @property
+    def provenance(self) -> Provenance:
+        """The provenance of the nodes built: the origin's, marked as made by `made_by`."""
+        if self._provenance is None:  # made when first needed: many rules build nothing
+            origin, made_by = self._origin, self._made_by
+            self._provenance = origin.derived(made_by) if made_by else origin
+        return self._provenance
 
     def op(self, op: str | Op, *inputs: Value, **params) -> Value | tuple[Value, ...]:
         """A node of `op` (name or Op); returns its output, or all outputs if it has several."""

@@ -99,20 +99,27 @@ def graph_stats(graph) -> tuple[int, int, int]:
     >>> graph_stats(graphopt.trace(lambda x: x * 2.0, jnp.ones(4)))
     (2, 4, 4)
     """
-    flops = 0
-    for node in graph.nodes:
-        flops += _cached_flops(node)[0]
-    nodes, constant_bytes = _count(graph)
+    nodes, flops, constant_bytes = len(graph), 0, 0
+    node = graph._first  # the node list, walked directly: this runs after every pass
+    while node is not None:
+        cached = node._flops  # _cached_flops, inlined
+        if cached is None or node.regions:
+            cached = node._flops = node_flops(node)
+        flops += cached[0]
+        if node.op.name == "constant":
+            constant_bytes += node.outputs[0].type.nbytes
+        for region in node.regions:
+            nodes, constant_bytes = _count(region, nodes, constant_bytes)
+        node = node._next
     return nodes, flops, param_stats(graph)[1] + constant_bytes
 
 
-def _count(graph) -> tuple[int, int]:
-    """(nodes, constant bytes), regions included."""
-    nodes, constant_bytes = len(graph), 0
+def _count(graph, nodes: int, constant_bytes: int) -> tuple[int, int]:
+    """(nodes, constant bytes) of `graph`, regions included, added to the given counts."""
+    nodes += len(graph)
     for node in graph.nodes:
         if node.op.name == "constant":
             constant_bytes += node.outputs[0].type.nbytes
         for region in node.regions:
-            n, b = _count(region)
-            nodes, constant_bytes = nodes + n, constant_bytes + b
+            nodes, constant_bytes = _count(region, nodes, constant_bytes)
     return nodes, constant_bytes

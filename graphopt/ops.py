@@ -231,7 +231,7 @@ def _constant_infer(in_types, params, regions):
     if in_types:
         raise TypeError("constant takes no inputs")
     value = params["value"]
-    return [TensorType(np.shape(value), params["dtype"], params["weak_type"])]
+    return [TensorType.interned(np.shape(value), params["dtype"], params["weak_type"])]
 
 
 def _constant_impl(*, regions, value, dtype, weak_type):

@@ -65,9 +65,12 @@ class Var(Pattern):
     shape: Any = None
 
     def match(self, value, captures, why):
-        if not _type_ok(self, value, why):
+        if (self.dtype is not None or self.shape is not None) and not _type_ok(self, value, why):
             return False
-        return _bind(self.name, value, captures, why)
+        name = self.name
+        if name is not None and captures.setdefault(name, value) is not value:
+            return _fail(why, lambda: f"{name!r} would bind two different values")
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,13 +284,10 @@ class _Dispatch:
                 self.by_op.setdefault(op, []).append(rule)
         self._cache: dict[tuple, list[Rule]] = {}
 
-    def candidates(self, node: Node) -> Sequence[Rule]:
-        name = node.op.name
-        rules = self.by_op.get(name)
-        if rules is None:
-            return ()
+    def candidates(self, node: Node, rules: list[Rule]) -> list[Rule]:
+        """Those of `rules` (the rules for node's op) whose operand guards admit `node`."""
         producers = _producer_ops(node)
-        key = (name, producers)
+        key = (node.op.name, producers)
         found = self._cache.get(key)
         if found is None:
             found = self._cache[key] = [r for r in rules if r.admits(producers)]
@@ -296,18 +296,22 @@ class _Dispatch:
 
 def _rewrite_graph(graph, dispatch, fired, made_by, max_rewrites):
     limit = max_rewrites if max_rewrites is not None else 10 * len(graph) + 1000
+    by_op = dispatch.by_op
     worklist = list(graph.nodes)
     worklist.reverse()  # pop() from the end: visit in program order
-    queued = {id(n) for n in worklist}
+    queued = set(worklist)  # nodes hash by identity
     count = 0
     while worklist:
         node = worklist.pop()
-        queued.discard(id(node))
+        queued.discard(node)
         if node.graph is not graph:
             continue  # erased meanwhile
         for region in node.regions:
             _rewrite_graph(region, dispatch, fired, made_by, max_rewrites)
-        for rule in dispatch.candidates(node):
+        rules = by_op.get(node.op.name)
+        if rules is None:
+            continue
+        for rule in dispatch.candidates(node, rules):
             captures = rule._match(node, None)
             if captures is None:
                 continue
@@ -322,9 +326,9 @@ def _rewrite_graph(graph, dispatch, fired, made_by, max_rewrites):
                     f"{', '.join(f'{k}×{v}' for k, v in fired.most_common(3))}. Two rules probably undo "
                     "each other", node)
             for fresh in new_nodes:
-                if id(fresh) not in queued and fresh.graph is graph:
+                if fresh not in queued and fresh.graph is graph:
                     worklist.append(fresh)
-                    queued.add(id(fresh))
+                    queued.add(fresh)
             break
 
 
@@ -349,17 +353,16 @@ def _apply(graph: Graph, rule: Rule, root: Node, captures: dict, made_by) -> lis
             raise GraphError(f"rule {rule.name!r} changes the type of {name!r} from {old.type} to "
                              f"{new.type}; a rewrite must preserve types", root)
         pairs.append((old, new))
-    touched = []
+    touched = created
     for old, new in pairs:
         touched.extend(old.users())
         graph.replace_all_uses(old, new)
-    dead = _erase_dead([old.node for old, _ in pairs if old.node is not None])
-    return [n for n in created + touched if n not in dead and n.graph is graph]
+    _erase_dead([old.node for old, _ in pairs if old.node is not None])
+    return [n for n in touched if n.graph is graph]  # erased nodes have no graph
 
 
-def _erase_dead(candidates: Iterable[Node]) -> set:
+def _erase_dead(candidates: Iterable[Node]) -> None:
     """Erase nodes that no longer have readers or effects, and their operands that became dead."""
-    erased = set()
     stack = list(candidates)
     while stack:
         node = stack.pop()
@@ -367,9 +370,7 @@ def _erase_dead(candidates: Iterable[Node]) -> set:
             continue
         producers = [v.node for v in node.inputs if v.node is not None]
         node.graph.erase(node)
-        erased.add(node)
         stack.extend(producers)
-    return erased
 
 
 def constant_value(value: Value) -> np.ndarray | None:

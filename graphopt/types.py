@@ -62,7 +62,12 @@ class TensorType:
     def of_aval(cls, aval) -> "TensorType":
         """From a JAX aval (ShapedArray) or anything with .shape and .dtype (interned: a traced
         model has thousands of values but a few dozen distinct types)."""
-        key = (aval.shape, aval.dtype, getattr(aval, "weak_type", False))
+        return cls.interned(aval.shape, aval.dtype, getattr(aval, "weak_type", False))
+
+    @classmethod
+    def interned(cls, shape, dtype, weak_type: bool = False) -> "TensorType":
+        """TensorType(shape, dtype, weak_type), shared: one object per distinct type seen."""
+        key = (shape, dtype, weak_type)
         interned = _INTERNED.get(key)
         if interned is None:
             if len(_INTERNED) > 65536:

@@ -32,7 +32,7 @@ def _dce(graph) -> int:
     node = graph._last
     while node is not None:
         prev = node._prev
-        if not node.effects and not any(v.uses for v in node.outputs):
+        if not node.effects and not _read(node):
             graph.erase(node)
             removed += 1
         else:
@@ -40,3 +40,10 @@ def _dce(graph) -> int:
                 removed += _dce(region)
         node = prev
     return removed
+
+
+def _read(node) -> bool:
+    for value in node.outputs:
+        if value.uses:
+            return True
+    return False

@@ -124,8 +124,8 @@ def _plan(graph, max_bytes: int, refused: set) -> _Plan:
             size[id(node.output)] = node.output.type.nbytes
             order.append(node)
             continue
-        inputs = [size.get(id(v)) for v in node.inputs]
-        if None in inputs or not _foldable_op(node) or id(node) in refused:
+        inputs = _input_sizes(node, size)
+        if inputs is None or not _foldable_op(node) or id(node) in refused:
             continue
         out_bytes = sum(v.type.nbytes for v in node.outputs)
         if out_bytes > MAX_EVAL_BYTES:  # constant, but too large even to compute here
@@ -163,6 +163,18 @@ def _plan(graph, max_bytes: int, refused: set) -> _Plan:
             stack.extend(v.node for v in node.inputs)
     plan.nodes = [n for n in order if id(n) in needed]
     return plan
+
+
+def _input_sizes(node, size: dict) -> list | None:
+    """The sizes of `node`'s inputs if all are computable, else None (at the first that is not:
+    this runs for every node of the model)."""
+    sizes = []
+    for value in node.inputs:
+        nbytes = size.get(id(value))
+        if nbytes is None:
+            return None
+        sizes.append(nbytes)
+    return sizes
 
 
 def _is_expander(node) -> bool:

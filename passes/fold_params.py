@@ -51,16 +51,22 @@ def _param_derived(graph) -> dict:
     """id(value) -> (value, source param bytes) for every value computed from params only."""
     derived = {id(a): (a, a.type.nbytes) for a in graph.params()}
     for node in graph.nodes:
-        if node.effects or node.regions or node.op.kind == "opaque" or not node.inputs:
-            continue
-        if not all(id(v) in derived or _is_constant(v) for v in node.inputs):
-            continue
-        sources = [derived[id(v)] for v in node.inputs if id(v) in derived]
-        if not sources:
-            continue  # constants only: fold_constants' job
-        source_bytes = sum(s[1] for s in sources)
-        for value in node.outputs:
-            derived[id(value)] = (value, source_bytes)
+        # Nearly every node reads a non-derived value: stop at the first one (a plain loop; this
+        # runs once per node of the model).
+        source_bytes = None
+        for value in node.inputs:
+            entry = derived.get(id(value))
+            if entry is not None:
+                source_bytes = (source_bytes or 0) + entry[1]
+            elif not _is_constant(value):
+                break
+        else:
+            if source_bytes is None:
+                continue  # constants only (or no inputs): fold_constants' job
+            if node.effects or node.regions or node.op.kind == "opaque":
+                continue
+            for value in node.outputs:
+                derived[id(value)] = (value, source_bytes)
     return derived
 
 
@@ -126,9 +132,7 @@ def _extend_prep(graph, derived):
         prep, mapping = graph.prep.graph.clone()
         outputs = list(prep.outputs)
     prep_values = {id(p): v for p, v in zip(params, outputs)}
-    for node in list(graph.nodes):
-        if not all(id(out) in derived for out in node.outputs):
-            continue
+    for node in _derived_nodes(derived):
         inputs = []
         for value in node.inputs:
             if id(value) not in prep_values:  # a constant
@@ -178,15 +182,26 @@ def _unique(name: str, taken: set) -> str:
     return candidate
 
 
+def _derived_nodes(derived) -> list:
+    """The nodes all of whose outputs are derived, in program order (`derived` was filled in
+    program order)."""
+    nodes, seen = [], set()
+    for value, _ in derived.values():
+        node = value.node
+        if node is not None and node not in seen:
+            seen.add(node)
+            if all(id(v) in derived for v in node.outputs):
+                nodes.append(node)
+    return nodes
+
+
 def _erase_folded(graph, derived) -> int:
-    """Erase the folded nodes (now unused); returns how many."""
-    erased, node = 0, graph._last
-    while node is not None:
-        prev = node._prev
-        if all(id(v) in derived for v in node.outputs) and not any(v.uses for v in node.outputs):
+    """Erase the folded nodes (now unused), readers first; returns how many."""
+    erased = 0
+    for node in reversed(_derived_nodes(derived)):
+        if not any(v.uses for v in node.outputs):
             graph.erase(node)
             erased += 1
-        node = prev
     return erased
 
 
