@@ -128,6 +128,21 @@ def test_belongs_before_raise_ops():
     _check_close(reference, result.graph, variables, x)
 
 
+def test_weight_as_the_left_operand_of_a_dot():
+    def f(p, x):  # W @ xᵀ, as equinox's Linear writes it: output features come from the lhs
+        y = jnp.einsum("oi,bi->ob", p["w"], x)
+        return (y - p["mean"][:, None]) * p["s"][:, None]
+
+    rng = np.random.default_rng(11)
+    p = {"w": rng.normal(size=(4, 6)).astype(np.float32), "mean": rng.normal(size=4).astype(np.float32),
+         "s": rng.normal(size=4).astype(np.float32)}
+    x = rng.normal(size=(3, 6)).astype(np.float32)
+    reference, result = _optimized(f, p, x, params_argnums=0)
+    assert _fired(result)["fold_batchnorm/scale-into-kernel"] == 1
+    assert _activation_bn_ops(result.graph) == []
+    _check_close(reference, result.graph, p, x)
+
+
 class ResBlock(nn.Module):
     train: bool = False
 
