@@ -302,10 +302,84 @@ def _evaluate(value: Value, memo: dict, env: dict | None = None):
     if id(node) not in memo:
         if node.op.name == "constant":
             p = node.params
-            memo[id(node)] = [compat.make_constant(p["value"], p["dtype"], p["weak_type"])]
+            memo[id(node)] = [np.asarray(p["value"], p["dtype"])]
         else:
             if node.effects or node.regions or node.op.kind != "primitive":
                 raise _NotEvaluable(node)
             args = [_evaluate(v, memo, env) for v in node.inputs]
-            memo[id(node)] = compat.bind(node.op.primitive, args, node.params)
+            memo[id(node)] = _run(node, args)
     return memo[id(node)][value.index]
+
+
+def _run(node, args) -> list:
+    """One primitive on numpy arrays: numpy for data movement, logic and arithmetic on the small
+    masks and scalars recognition evaluates (an eager JAX call compiles once per primitive and
+    shape, ~50 ms each); JAX itself for everything else."""
+    fn = _NUMPY.get(node.op.name)
+    if fn is not None and all(isinstance(a, np.ndarray) for a in args):
+        out = node.outputs[0].type
+        try:
+            with np.errstate(all="ignore"):
+                result = fn(*args, **node.params)
+        except (TypeError, ValueError):
+            result = None
+        if result is not None:
+            result = np.asarray(result)
+            if result.shape == tuple(out.shape) and np.can_cast(result.dtype, out.dtype, "same_kind") \
+                    or result.dtype == np.bool_ and out.dtype == np.bool_:
+                return [result.astype(out.dtype, copy=False)]
+    return [np.asarray(x) for x in compat.bind(node.op.primitive, args, node.params)]
+
+
+def _iota(*, dtype, shape, dimension, **_):
+    index = [1] * len(shape)
+    index[dimension] = shape[dimension]
+    return np.broadcast_to(np.arange(shape[dimension], dtype=dtype).reshape(index), shape)
+
+
+def _broadcast(x, *, shape, broadcast_dimensions, **_):
+    index = [1] * len(shape)
+    for d, n in zip(broadcast_dimensions, x.shape):
+        index[d] = n
+    return np.broadcast_to(x.reshape(index), shape)
+
+
+def _convert(x, *, new_dtype, **_):
+    # float -> int saturates in XLA and is undefined in numpy: leave those to JAX
+    if np.dtype(x.dtype).kind == "f" and np.dtype(new_dtype).kind in "iub":
+        return None
+    return x.astype(new_dtype)
+
+
+def _select(pred, *cases):
+    if pred.dtype != np.bool_ or len(cases) != 2:
+        return None
+    return np.where(pred, cases[1], cases[0])
+
+
+def _same_kind(fn):
+    """A binary op on operands of one dtype (lax requires it), in that dtype."""
+    def run(a, b, **_):
+        if a.dtype != b.dtype:
+            return None
+        return np.asarray(fn(a, b)).astype(a.dtype, copy=False)
+    return run
+
+
+_NUMPY: dict[str, Callable] = {
+    "iota": _iota,
+    "broadcast_in_dim": _broadcast,
+    "reshape": lambda x, *, new_sizes, dimensions=None, **_: None if dimensions is not None
+    else x.reshape(new_sizes),
+    "transpose": lambda x, *, permutation: np.transpose(x, permutation),
+    "squeeze": lambda x, *, dimensions: np.squeeze(x, tuple(dimensions)),
+    "convert_element_type": _convert,
+    "select_n": _select,
+    "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,
+    "ge": np.greater_equal,
+    "and": _same_kind(np.bitwise_and), "or": _same_kind(np.bitwise_or),
+    "not": lambda x: np.logical_not(x) if x.dtype == np.bool_ else np.invert(x),
+    "add": _same_kind(np.add), "sub": _same_kind(np.subtract), "mul": _same_kind(np.multiply),
+    "max": _same_kind(np.maximum), "min": _same_kind(np.minimum),
+    "neg": np.negative,
+}
