@@ -8,13 +8,15 @@ min–max spread, the time per pass, and time(N) / time(previous N) against the 
 
 Goal (issue 3): under 2 s for 100k nodes on a 2-core machine, and time(2N) ≤ 2.2 × time(N).
 
-    python benchmarks/pass_cost.py [--nodes 10000 50000 100000] [--repeats 3] [--json out.json] [--markdown]
+    python benchmarks/pass_cost.py [--nodes 10000 50000 100000] [--repeats 3] [--pipeline default]
+                                   [--json out.json] [--markdown]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -84,22 +86,29 @@ def _count(graph) -> int:
     return sum(1 for _ in graph.walk())
 
 
-def measure(target: int, per_layer: float, repeats: int) -> dict:
+def measure(target: int, per_layer: float, repeats: int, pipeline="default") -> dict:
     layers = max(1, round(target / per_layer))
     start = time.perf_counter()
     graph = build_graph(layers)
     trace_seconds = time.perf_counter() - start
-    totals, per_pass = [], {}
+    totals, cpu, per_pass = [], [], {}
     for _ in range(repeats):
         work, _ = graph.clone()
-        start = time.perf_counter()
-        result = run_pipeline(work, "default")
+        # The previous run's graphs are garbage in reference cycles: collect them now, so no run
+        # pays for another's (as timeit does by switching the collector off).
+        gc.collect()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        result = run_pipeline(work, pipeline)
         totals.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         for record in result.report.records:
             per_pass.setdefault(record.name, []).append(record.seconds)
+        nodes_after = _count(result.graph)
+        del work, result
     return {"target": target, "layers": layers, "nodes": _count(graph),
-            "nodes_after": _count(result.graph), "trace_s": trace_seconds,
+            "nodes_after": nodes_after, "trace_s": trace_seconds,
             "median_s": statistics.median(totals), "min_s": min(totals), "max_s": max(totals),
+            "cpu_median_s": statistics.median(cpu),
             "per_pass_s": {k: statistics.median(v) for k, v in per_pass.items()}}
 
 
@@ -109,16 +118,20 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--pipeline", default="default", help="a pipeline name or comma-separated passes")
     args = parser.parse_args(argv)
+    pipeline = args.pipeline if "," not in args.pipeline else args.pipeline.split(",")
+    load_before = os.getloadavg()
     per_layer = nodes_per_layer()
-    rows = [measure(n, per_layer, args.repeats) for n in args.nodes]
+    rows = [measure(n, per_layer, args.repeats, pipeline) for n in args.nodes]
     for prev, row in zip(rows, rows[1:]):
         row["scaling"] = row["median_s"] / prev["median_s"]
         row["node_ratio"] = row["nodes"] / prev["nodes"]
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "jax": jax.__version__, "date": datetime.date.today().isoformat()}
+               "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+               "load_average": {"start": load_before, "end": os.getloadavg()}, "pipeline": args.pipeline}
     table = Table("nodes", "layers", "nodes after", "pipeline median (min–max)", "µs/node", "× vs previous",
-                  "slowest passes", title=f"default pipeline cost ({machine['cpus']} CPUs, jax {machine['jax']})")
+                  "slowest passes", title=f"{args.pipeline} pipeline cost ({machine['cpus']} CPUs, jax {machine['jax']})")
     for row in rows:
         passes = sorted(row["per_pass_s"].items(), key=lambda kv: -kv[1])[:3]
         table.add_row(f"{row['nodes']:,}", str(row["layers"]), f"{row['nodes_after']:,}",
@@ -128,14 +141,17 @@ def main(argv=None):
                       ", ".join(f"{k} {v:.2f}s" for k, v in passes))
     Console().print(table)
     if args.markdown:
+        load = machine["load_average"]
         print(f"\nMachine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}, "
-              f"JAX {machine['jax']}, {machine['date']}\n")
-        print("| nodes | pipeline median (min–max) | µs/node | time ratio vs previous size | per pass (median) |")
-        print("|---|---|---|---|---|")
+              f"JAX {machine['jax']}, {machine['date']}; pipeline {args.pipeline!r}; load average (1 min) "
+              f"{load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end\n")
+        print("| nodes | pipeline median (min–max) | CPU s (median) | µs/node | time ratio vs previous size | per pass (median) |")
+        print("|---|---|---|---|---|---|")
         for row in rows:
             passes = ", ".join(f"{k} {v:.2f}s" for k, v in row["per_pass_s"].items())
             ratio = f"{row['scaling']:.2f} for {row['node_ratio']:.2f}× nodes" if "scaling" in row else "–"
             print(f"| {row['nodes']:,} | {row['median_s']:.2f} s ({row['min_s']:.2f}–{row['max_s']:.2f}) | "
+                  f"{row['cpu_median_s']:.2f} | "
                   f"{1e6 * row['median_s'] / row['nodes']:.1f} | {ratio} | {passes} |")
     if args.json:
         with open(args.json, "w") as f:
