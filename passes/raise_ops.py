@@ -123,6 +123,26 @@ def _linear(b, x, w, dot, out=None, bias=None):
         preferred_element_type=p["preferred_element_type"], decomposition=r))
 
 
+def _linear_swapped(b, x, w, dot, t, out, bias):
+    """add(transpose(dot_general(w, x)), bias), the transpose putting x's free dims first (a
+    vmapped equinox Linear): linear(x, w, bias) with the dimension numbers swapped."""
+    p = dot.node.params
+    (lc, rc), (lb, rb) = p["dimension_numbers"]
+    nb, nl = len(lb), w.type.ndim - len(lc) - len(lb)
+    nr = x.type.ndim - len(rc) - len(rb)
+    swapped = (*range(nb), *range(nb + nl, nb + nl + nr), *range(nb, nb + nl))
+    precision = p["precision"]
+    if isinstance(precision, tuple) and len(precision) == 2:
+        precision = precision[::-1]
+    elif precision is not None and not isinstance(precision, jax.lax.Precision):
+        return None  # a DotAlgorithm may treat lhs and rhs differently
+    if tuple(int(i) for i in t.node.params["permutation"]) != swapped:
+        return None
+    return _raise(b, [x, w, bias], out, lambda r: nn_ops.linear_node(
+        b, x, w, bias, dimension_numbers=((rc, lc), (rb, lb)), precision=precision,
+        preferred_element_type=p["preferred_element_type"], decomposition=r))
+
+
 # --- conditions ----------------------------------------------------------------------------------
 
 def _number(value) -> float:
@@ -186,6 +206,20 @@ def _bias_along_features(c) -> bool:
     lhs_is_weight = getattr(c["x"], "role", None) == "param" and c["x"].node is None
     return all(shape[i] == out[i] for i in varying) and (
         varying <= rhs_free or (lhs_is_weight and varying <= lhs_free))
+
+
+def _bias_along_lhs_features(c) -> bool:
+    """For add(transpose(dot(w, x)), bias): the bias varies along w's free dims, which the
+    transpose puts last, only."""
+    dot, bias, out = c["dot"], c["bias"], c["_root"].type.shape
+    if not _outside_composites(c) or dot.node.params.get("out_sharding") is not None or \
+            c["t"].type.shape != out or bias.type.ndim > len(out):
+        return False
+    (lc, _), (lb, _) = dot.node.params["dimension_numbers"]
+    nl = c["w"].type.ndim - len(lc) - len(lb)
+    shape = (1,) * (len(out) - bias.type.ndim) + bias.type.shape
+    varying = {i for i, d in enumerate(shape) if d != 1}
+    return all(shape[i] == out[i] for i in varying) and varying <= set(range(len(out) - nl, len(out)))
 
 
 def _is_weight(c) -> bool:
@@ -268,6 +302,8 @@ RMS_NORM_PLAIN = AnyOf(_rms_plain, name="out")
 # linear: dot_general(x, w) + bias, the bias (maybe reshaped) along the output features.
 _dot = Op("dot_general", x, Var("w"), name="dot")
 LINEAR_BIAS = _commuted("add", _dot, Broadcast(Var("bias")), name="out")
+LINEAR_SWAPPED = _commuted("add", Op("transpose", Op("dot_general", Var("w"), x, single_use=True, name="dot"),
+                                     name="t"), Broadcast(Var("bias")), name="out")
 
 
 def _root_rule(name, pattern, replacement, where):
@@ -342,6 +378,7 @@ RULE_PHASES = [
      _root_rule("raise_ops/gelu-erf", GELU_ERF, _gelu(False), _outside_composites),
      _root_rule("raise_ops/silu", SILU, _silu, _outside_composites),
      _root_rule("raise_ops/linear", LINEAR_BIAS, _linear, _bias_along_features),
+     _root_rule("raise_ops/linear-transposed", LINEAR_SWAPPED, _linear_swapped, _bias_along_lhs_features),
      _root_rule("raise_ops/layer-norm", LAYER_NORM_FULL, _layer_norm, _norm_ok)],
     [_root_rule("raise_ops/layer-norm-scale-only", LAYER_NORM_SCALED, _layer_norm, _norm_ok)],
     [_root_rule("raise_ops/layer-norm-plain", LAYER_NORM_PLAIN, _layer_norm, _norm_ok)],

@@ -230,6 +230,24 @@ def test_equinox_linear_weight_on_the_left():
     assert not counts(graph)
 
 
+def test_vmapped_equinox_linear_transposes_its_dot():
+    mlp = eqx.nn.MLP(8, 4, width_size=16, depth=2, activation=jax.nn.silu, key=jax.random.key(0))
+    params, static = eqx.partition(mlp, eqx.is_array)
+    graph, _ = raised(lambda p, x: jax.vmap(eqx.combine(p, static))(x), params, XN[0])
+    assert counts(graph) == {"linear": 3, "silu": 2}
+    node = next(n for n in graph.nodes if n.op.name == "linear")
+    assert node.params["dimension_numbers"] == (((1,), (1,)), ((), ()))  # x [5, 8] · w [16, 8]
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x, w, b: jnp.einsum("fd,td->ft", w, x).T + b[:5, None],  # the bias follows x's rows
+    lambda x, w, b: jnp.einsum("fd,td->ft", w, x).T + x[:, :1],     # not a bias at all
+])
+def test_transposed_linear_look_alikes_stay(fn):
+    graph, _ = raised(fn, XN[0], rand(16, 8), rand(16))
+    assert not counts(graph)
+
+
 def test_einsum_plus_bias_is_linear():
     graph, _ = raised(lambda x, w, b: jnp.einsum("btd,df->btf", x, w) + b, XN, rand(8, 4), rand(4))
     assert counts(graph) == {"linear": 1}
