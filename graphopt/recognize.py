@@ -73,7 +73,7 @@ class Scalar(Pattern):
         array = constant_array(value)
         if array is None:
             return _fail(why, "not computed from constants only")
-        number = array.reshape(()).item()
+        number = _number(array)
         if self.where is not None and not self.where(number):
             return _fail(why, lambda: f"constant {number!r} fails its condition")
         if self.name is not None:
@@ -231,7 +231,13 @@ def _scalar(value: Value):
     if int(np.prod(value.type.shape)) != 1:
         return None
     array = constant_array(value)
-    return None if array is None else array.reshape(()).item()
+    return None if array is None else _number(array)
+
+
+def _number(array: np.ndarray):
+    """A one-element array as a Python bool, int or float (bfloat16 & co. as floats)."""
+    scalar = array.reshape(())
+    return scalar.item() if array.dtype.kind in "biuf" else float(scalar)
 
 
 def _is_keepdims(before: Value, after: Value, axes, full_shape) -> bool:

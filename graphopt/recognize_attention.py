@@ -347,15 +347,34 @@ def _mask_operand(pred: Value, labels, sizes):
     keep = constant_array(pred)
     if keep is None:
         mask = _user_operand(pred, labels, sizes)
+        if mask is None and pred.node is not None and pred.node.op.name == "and":
+            # jax.nn.dot_product_attention(mask=m, is_causal=True): and(m, causal)
+            for causal, user in (pred.node.inputs, pred.node.inputs[::-1]):
+                if _is_causal(constant_array(causal), labels, sizes) and len(user.uses) == 1:
+                    mask = _user_operand(user, labels, sizes)
+                    if mask is not None:
+                        return (mask, True)
         return None if mask is None else (mask, False)
     keep = np.broadcast_to(keep, _layout_shape(labels, sizes))
     if keep.all():
         return (None, False)
-    causal = np.tril(np.ones((sizes["T"], sizes["S"]), bool))
-    if np.array_equal(keep, _to_layout(causal, labels, sizes)):
+    if _is_causal(keep, labels, sizes):
         return (None, True)
     mask = _user_operand(pred, labels, sizes)  # another constant mask: an operand
     return None if mask is None else (mask, False)
+
+
+def _is_causal(keep, labels, sizes) -> bool:
+    """Whether `keep` (a constant mask, None if not constant) keeps s <= t, as nn_ops' causal."""
+    if keep is None:
+        return False
+    shape = _layout_shape(labels, sizes)
+    try:
+        keep = np.broadcast_to(keep, shape)
+    except ValueError:
+        return False
+    causal = np.tril(np.ones((sizes["T"], sizes["S"]), bool))
+    return np.array_equal(keep, _to_layout(causal, labels, sizes))
 
 
 def _through(value: Value, ops) -> Value:
@@ -369,7 +388,9 @@ def _scalar(value: Value):
     if int(np.prod(value.type.shape)) != 1:
         return None
     array = constant_array(value)
-    return None if array is None or array.dtype.kind not in "fiu" else float(array.reshape(()))
+    if array is None or array.dtype.kind in "bcOSU":  # bfloat16 & co. are kind "V"
+        return None
+    return float(array.reshape(()))
 
 
 def _splat(value: Value):
@@ -380,7 +401,7 @@ def _splat(value: Value):
     first = array.reshape(-1)[0]
     if not np.all(array == first):
         return None
-    return first.item()
+    return first.item() if array.dtype.kind in "biuf" else float(first)
 
 
 # --- rewriting -----------------------------------------------------------------------------------

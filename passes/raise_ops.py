@@ -249,7 +249,10 @@ _xmax = Op("reduce_max", x, name="xmax")
 _shift = Maybe("stop_gradient", Kept(Maybe("stop_gradient", Kept(
     AnyOf(Op("max", _xmax, Const(value=NEG_INF)), _xmax)))))
 _exp = Op("exp", Op("sub", x, _shift), name="e")
-SOFTMAX = Op("div", _exp, Kept(Op("reduce_sum", _exp, name="esum")), name="out")
+# Low-precision inputs: jax.nn.softmax sums in float32 (converts around the reduce_sum).
+_CONVERT = "convert_element_type"
+SOFTMAX = Op("div", _exp, Kept(Maybe(_CONVERT, Kept(Op("reduce_sum", Maybe(_CONVERT, _exp), name="esum")))),
+             name="out")
 
 # gelu, tanh form: x * (0.5 * (1 + tanh(sqrt(2/π) * (x + 0.044715 x³)))), in jax.nn.gelu's order
 # or as 0.5 x (1 + tanh(...)).

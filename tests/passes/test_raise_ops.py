@@ -356,6 +356,27 @@ def test_jax_dot_product_attention(kwargs, k, expect):
         assert p["scale"] == pytest.approx(1 / math.sqrt(H))
 
 
+def test_jax_dot_product_attention_causal_and_a_mask_argument():
+    mask = np.asarray(rand(B, 1, T, T) > 0)
+    graph, _ = raised(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, is_causal=True),
+                      Q, KV_GQA, KV_GQA, mask)
+    p = attention_params(graph)
+    assert p["is_causal"] and p["has_mask"]
+    assert only(graph, "attention").inputs[3].type.shape == (B, 1, T, T)
+
+
+def test_bfloat16_attention_with_float32_softmax_sums():
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.MultiHeadDotProductAttention(num_heads=2, dtype=jnp.bfloat16)(x, x)
+
+    fn, variables = _linen(Layer(), XN)
+    graph, _ = raised(fn, variables, XN)
+    assert counts(graph)["attention"] == 1
+    assert attention_params(graph)["scale"] == 0.5  # 1 / sqrt(head dim 4), from a bf16 sqrt
+
+
 def test_flax_linen_attention_layers():
     class Block(nn.Module):
         @nn.compact
