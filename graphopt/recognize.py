@@ -36,7 +36,7 @@ from graphopt.ir import Value
 from graphopt.pattern import Op, Pattern, _bind, _fail
 
 # Constant-only values up to this many elements are evaluated (masks of long sequences are not).
-MAX_EVAL_ELEMENTS = 1 << 22
+MAX_EVAL_ELEMENTS = 1 << 25
 
 
 class AnyOf(Pattern):

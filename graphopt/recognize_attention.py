@@ -53,6 +53,9 @@ from graphopt.recognize import constant_array, evaluate_slice
 LAYOUTS = {"BTNH": (("B", "T", "N", "H"), ("B", "S", "K", "H")),
            "BNTH": (("B", "N", "T", "H"), ("B", "K", "S", "H"))}
 _MOVES = ("reshape", "transpose", "broadcast_in_dim")
+# Bias and mask chains are checked by evaluating them on a random array as big as the scores;
+# past this many elements only an operand already in the scores' layout is taken.
+MAX_CHECKED_ELEMENTS = 1 << 24
 
 
 def raise_attention(graph: Graph) -> Counter:
@@ -320,8 +323,12 @@ def _user_operand(value: Value, labels, sizes):
             return None
     except ValueError:
         return None
+    if int(np.prod(layout_shape)) > MAX_CHECKED_ELEMENTS and len(candidates) > 1:
+        candidates = candidates[:1]  # too big to check a chain on a sample: the value itself only
     rng = np.random.default_rng(0)
     for candidate in reversed(candidates):
+        if candidate is value and labels == ("B", "K", "T", "S") and value.type.ndim in (0, 4):
+            return value  # already in the scores' layout: lax broadcasts size-1 dims as numpy does
         shape = candidate.type.shape
         if len(shape) > 4 or any(d not in (1, t) for d, t in zip(shape[::-1], target[::-1])):
             continue
@@ -355,7 +362,6 @@ def _mask_operand(pred: Value, labels, sizes):
                     if mask is not None:
                         return (mask, True)
         return None if mask is None else (mask, False)
-    keep = np.broadcast_to(keep, _layout_shape(labels, sizes))
     if keep.all():
         return (None, False)
     if _is_causal(keep, labels, sizes):
@@ -365,16 +371,20 @@ def _mask_operand(pred: Value, labels, sizes):
 
 
 def _is_causal(keep, labels, sizes) -> bool:
-    """Whether `keep` (a constant mask, None if not constant) keeps s <= t, as nn_ops' causal."""
-    if keep is None:
+    """Whether `keep` (a constant mask, None if not constant) keeps s <= t, as nn_ops' causal.
+    Compared at keep's own shape (broadcast against the T and S axes only), never at the size
+    of the scores."""
+    if keep is None or keep.ndim > len(labels):
         return False
-    shape = _layout_shape(labels, sizes)
-    try:
-        keep = np.broadcast_to(keep, shape)
-    except ValueError:
+    keep = keep.reshape((1,) * (len(labels) - keep.ndim) + keep.shape)
+    layout = _layout_shape(labels, sizes)
+    if any(d not in (1, n) for d, n in zip(keep.shape, layout)):
         return False
-    causal = np.tril(np.ones((sizes["T"], sizes["S"]), bool))
-    return np.array_equal(keep, _to_layout(causal, labels, sizes))
+    t_shape = [sizes["T"] if a == "T" else 1 for a in labels]
+    s_shape = [sizes["S"] if a == "S" else 1 for a in labels]
+    causal = np.arange(sizes["S"]).reshape(s_shape) <= np.arange(sizes["T"]).reshape(t_shape)
+    shape = np.broadcast_shapes(keep.shape, causal.shape)
+    return bool(np.array_equal(np.broadcast_to(keep, shape), np.broadcast_to(causal, shape)))
 
 
 def _through(value: Value, ops) -> Value:
@@ -395,6 +405,9 @@ def _scalar(value: Value):
 
 def _splat(value: Value):
     """The one value a constant-only array holds everywhere (a Python scalar), else None."""
+    node = value.node
+    if node is not None and node.op.name == "broadcast_in_dim" and node.inputs[0].type.ndim == 0:
+        return _splat(node.inputs[0])  # without materializing the broadcast
     array = constant_array(value)
     if array is None or array.size == 0:
         return None
