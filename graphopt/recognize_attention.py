@@ -23,9 +23,10 @@ an additive bias, a mask `select_n(keep, fill, scores)` (jnp.where). The op's se
 order (scale, then bias, then mask); another order is not attention as nn_ops defines it.
 The bias and mask operands are the values the user passed in: the reshapes and transposes that
 bring them to the scores' layout move into the decomposition, after a check that evaluates them
-on a random array and compares with numpy broadcasting to [B,N,T,S]. A mask computed from
-constants only (tril, iotas) is evaluated: the causal one (keep s <= t) gives is_causal=True,
-an all-true one nothing, any other declines.
+on a random array and compares with numpy broadcasting to [B,N,T,S] (scores past 16M elements:
+only an operand already in the scores' layout). A mask computed from constants only (tril,
+iotas) is evaluated: the causal one (keep s <= t) gives is_causal=True, an all-true one nothing,
+another one is a mask operand; `and(mask, causal)` gives both.
 
 Example:
     >>> import graphopt, jax, jax.numpy as jnp

@@ -377,6 +377,18 @@ def test_bfloat16_attention_with_float32_softmax_sums():
     assert attention_params(graph)["scale"] == 0.5  # 1 / sqrt(head dim 4), from a bf16 sqrt
 
 
+def test_scores_too_big_to_check_take_operands_in_their_layout_only(monkeypatch):
+    from graphopt import recognize_attention
+
+    monkeypatch.setattr(recognize_attention, "MAX_CHECKED_ELEMENTS", 16)
+    pad = np.arange(T)[None, None, None, :] < np.array([3, 5])[:, None, None, None]
+    graph, _ = raised(lambda q, k, v, m: einsum_attention(q, k, v, m), Q, KV, KV, pad)
+    assert attention_params(graph)["has_mask"]  # [B,1,1,S] broadcasts onto [B,N,T,S] as is
+    mask = np.asarray(rand(B, 1, T, T) > 0)
+    graph, _ = raised(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m), Q, KV, KV, mask)
+    assert "attention" not in counts(graph)  # its mask goes through reshapes: not checked, declined
+
+
 def test_flax_linen_attention_layers():
     class Block(nn.Module):
         @nn.compact
