@@ -46,6 +46,7 @@ from collections import Counter
 import numpy as np
 
 from graphopt.builder import Builder
+from graphopt.errors import GraphError
 from graphopt.ir import Graph, Node, Value
 from graphopt.nn_ops import COMPOSITE_OPS, attention_node
 from graphopt.outline import can_outline, outline, replace_with
@@ -429,8 +430,8 @@ def _replace(m: AttentionMatch) -> bool:
     try:
         new = attention_node(b, m.q, m.k, m.v, m.bias, m.mask, scale=m.scale, is_causal=m.is_causal,
                              mask_value=m.mask_value, layout=m.layout, decomposition=region)
-    except Exception as err:  # the op's shape rule rejects these operands
-        if "not accepted" not in str(err):
+    except GraphError as err:  # the op's shape rule raised TypeError: it rejects these operands
+        if not isinstance(err.__cause__, TypeError):
             raise
         return False
     if new.type != m.out.type:

@@ -80,8 +80,8 @@ def _raise(b, inputs, root, build):
         return None
     try:
         new = build(outline(inputs, [root]))
-    except GraphError as err:
-        if isinstance(err, OutlineError) or "not accepted" in str(err):
+    except GraphError as err:  # the op's shape rule raised TypeError: it rejects these operands
+        if isinstance(err, OutlineError) or isinstance(err.__cause__, TypeError):
             return None
         raise
     return new if new.type == root.type else None
