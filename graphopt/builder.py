@@ -3,7 +3,8 @@
 Nodes are inserted before an anchor (the node being rewritten) and marked as made by a pass, keeping
 the anchor's module path and source line. Three ways to build:
 
-- `b.op("mul", x, y)`: a primitive or graphopt op by name, params as keywords;
+- `b.op("mul", x, y)`: a primitive or graphopt op by name, params as keywords (a primitive's
+  params left out take the values `jax.lax.mul(x, y)` would give them);
 - `b.const(2.0, like=x)`: a scalar or array constant (a scalar takes `like`'s dtype);
 - `b.jax(fn, x, y)`: trace a small JAX function on the values' types and inline it. Params of
   primitives differ between JAX versions; `b.jax(lambda a, w: a @ w, x, w)` writes them for you.
@@ -25,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from graphopt import _jax_compat as compat
 from graphopt.ir import Graph, Node, Provenance, Value
 from graphopt.ops import OPS, Op, primitive_named
 
@@ -53,6 +55,10 @@ class Builder:
         """A node of `op` (name or Op); returns its output, or all outputs if it has several."""
         if isinstance(op, str):
             op = OPS[op] if op in OPS else primitive_named(op)
+        if op.kind == "primitive":  # params the caller leaves out take JAX's defaults
+            defaults = _default_params(op, inputs)
+            if defaults.keys() - params.keys():
+                params = {**defaults, **params}
         node = self.graph.add_node(op, inputs, params, provenance=self.provenance, before=self.before)
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
 
@@ -86,3 +92,17 @@ class Builder:
         """Erase every node this builder created (they must be unused outside the builder)."""
         for node in reversed(self.created):
             self.graph.erase(node)
+
+
+_DEFAULTS: dict = {}
+
+
+def _default_params(op, inputs) -> dict:
+    """JAX's default params of primitive `op` on operands of these dtypes (learned once per
+    dtypes, on scalars: default params do not depend on shapes)."""
+    key = (op, tuple((v.type.dtype, v.type.weak_type) for v in inputs))
+    found = _DEFAULTS.get(key)
+    if found is None:
+        avals = [compat.shaped_array((), dtype, weak) for dtype, weak in key[1]]
+        found = _DEFAULTS[key] = compat.default_params(op.primitive, avals)
+    return found

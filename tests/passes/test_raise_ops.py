@@ -34,7 +34,6 @@ def raised(fn, *args, grad=True, params_argnums=None):
     """(graph after raise_ops, rules fired); asserts outputs and gradients are unchanged."""
     graph = graphopt.trace(fn, *args, params_argnums=params_argnums)
     graph = run_pipeline(graph, ["canonicalize", "cse"]).graph
-    _give_muls_their_params(graph)
     before = graph.clone()[0]
     result = run_pipeline(graph, ["raise_ops"], debug=True)
     after = result.graph
@@ -48,17 +47,6 @@ def raised(fn, *args, grad=True, params_argnums=None):
         assert_equivalent(jax.jit(jax.grad(loss(lowered_after)))(*args),
                           jax.jit(jax.grad(loss(lowered_before)))(*args), exact=True)
     return after, result.report.records[0].fired
-
-
-def _give_muls_their_params(graph):
-    """canonicalize builds `mul` nodes without the `out_dtype` param that JAX 0.10's mul has, and
-    JAX's transpose rule for mul then fails (`_mul_transpose_left() missing out_dtype`): the
-    gradient of the graph canonicalize returns cannot be taken. Not raise_ops' doing; fill the
-    param in so the gradients before and after raise_ops can be compared."""
-    expected = set(jax.make_jaxpr(lambda a: a * a)(1.0).eqns[0].params)
-    for node in graph.walk():
-        if node.op.name == "mul" and not set(node.params) >= expected:
-            node.params.update({name: None for name in expected - set(node.params)})
 
 
 def counts(graph) -> Counter:
