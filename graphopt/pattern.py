@@ -55,6 +55,16 @@ class Pattern(abc.ABC):
     def match(self, value: Value, captures: dict, why: list | None) -> bool:
         """Whether `value` matches; on success the captures are added to `captures`."""
 
+    def produced_by(self) -> frozenset | None:
+        """The names of the ops that can compute a value this pattern matches, or None for any
+        (a graph input too). Feeds the driver's operand guards; never too narrow."""
+        return None
+
+    def root_guard(self) -> "OperandGuard | None":
+        """A necessary condition on the ops computing the operands of a node whose output this
+        pattern matches (see OperandGuard), or None."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Var(Pattern):
@@ -83,6 +93,9 @@ class Const(Pattern):
     where: Predicate | None = None
     dtype: Any = None
     shape: Any = None
+
+    def produced_by(self):
+        return frozenset({"constant"})
 
     def match(self, value, captures, why):
         node = value.node
@@ -120,6 +133,12 @@ class Op(Pattern):
                          ("shape", shape), ("commutative", commutative), ("single_use", single_use),
                          ("index", index), ("name", name)):
             object.__setattr__(self, key, val)
+
+    def produced_by(self):
+        return self.op
+
+    def root_guard(self):
+        return _operand_guard(self)
 
     def match(self, value, captures, why):
         node = value.node
@@ -181,7 +200,7 @@ class Rule:
     def __post_init__(self):
         if not isinstance(self.pattern, Op):
             raise TypeError(f"rule {self.name!r}: the root of a pattern must be an Op")
-        self._guard = _operand_guard(self.pattern)
+        self._guard = self.pattern.root_guard()
         RULES.setdefault(self.name, self)
 
     def match(self, node: Node, why: list | None = None) -> dict | None:
@@ -206,9 +225,9 @@ class Rule:
         return None
 
 
-class _OperandGuard:
-    """A quick necessary condition of a root pattern: its operand count, and the op each operand
-    must be computed by, where the pattern names one. Most rules the driver could try on a node
+class OperandGuard:
+    """A quick necessary condition of a root pattern: its operand count, and the ops each operand
+    may be computed by, where the pattern limits them. Most rules the driver could try on a node
     fail for an operand's op; this check, on the names alone, rejects them without matching (and
     the driver caches its verdicts per operand-op signature). It never rejects a node the full
     match accepts."""
@@ -228,20 +247,33 @@ class _OperandGuard:
         return all(_among(name, names) for name, names in zip(producer_ops, self.ops))
 
 
+class AnyGuard:
+    """The guard of alternatives: admits what one of `guards` admits."""
+
+    __slots__ = ("guards",)
+
+    def __init__(self, guards):
+        self.guards = tuple(guards)
+
+    def admits(self, producer_ops: tuple) -> bool:
+        return any(g.admits(producer_ops) for g in self.guards)
+
+
+def any_guard(patterns) -> AnyGuard | None:
+    """The root guard of a choice between `patterns` (None if one of them has none)."""
+    guards = [p.root_guard() for p in patterns]
+    return None if any(g is None for g in guards) else AnyGuard(guards)
+
+
 def _among(name, names) -> bool:
     return names is None or (name is not None and name in names)
 
 
-def _operand_guard(pattern: Op) -> _OperandGuard | None:
-    def ops_of(operand):
-        if isinstance(operand, Op):
-            return operand.op
-        return frozenset({"constant"}) if isinstance(operand, Const) else None
-
+def _operand_guard(pattern: Op) -> OperandGuard | None:
     if not pattern.operands:
         return None
-    ops = tuple(ops_of(p) for p in pattern.operands)
-    return _OperandGuard(len(ops), ops, pattern.commutative and len(ops) == 2)
+    ops = tuple(p.produced_by() for p in pattern.operands)
+    return OperandGuard(len(ops), ops, pattern.commutative and len(ops) == 2)
 
 
 def _producer_ops(node: Node) -> tuple:
@@ -266,10 +298,12 @@ class RewriteLimitError(GraphError):
 
 
 def rewrite(graph: Graph, rules: Sequence[Rule], *, made_by: str | None = None,
-            max_rewrites: int | None = None) -> Counter:
-    """Apply `rules` to `graph` and its regions until none fires. Returns fire counts per rule."""
+            max_rewrites: int | None = None, descend: Callable[[Node], bool] | None = None) -> Counter:
+    """Apply `rules` to `graph` and its regions until none fires. Returns fire counts per rule.
+
+    `descend(node)` says whether to rewrite inside a node's regions (default: always)."""
     fired: Counter = Counter()
-    _rewrite_graph(graph, _Dispatch(rules), fired, made_by, max_rewrites)
+    _rewrite_graph(graph, _Dispatch(rules, descend), fired, made_by, max_rewrites)
     return fired
 
 
@@ -277,7 +311,8 @@ class _Dispatch:
     """The rules worth trying on a node, by its op and the ops computing its operands: rules are
     indexed by root op, then filtered by their operand guards once per distinct signature."""
 
-    def __init__(self, rules: Sequence[Rule]):
+    def __init__(self, rules: Sequence[Rule], descend=None):
+        self.descend = descend
         self.by_op: dict[str, list[Rule]] = {}
         for rule in rules:
             for op in rule.pattern.op:
@@ -306,8 +341,9 @@ def _rewrite_graph(graph, dispatch, fired, made_by, max_rewrites):
         queued.discard(node)
         if node.graph is not graph:
             continue  # erased meanwhile
-        for region in node.regions:
-            _rewrite_graph(region, dispatch, fired, made_by, max_rewrites)
+        if node.regions and (dispatch.descend is None or dispatch.descend(node)):
+            for region in node.regions:
+                _rewrite_graph(region, dispatch, fired, made_by, max_rewrites)
         rules = by_op.get(node.op.name)
         if rules is None:
             continue

@@ -33,7 +33,7 @@ import numpy as np
 
 from graphopt import _jax_compat as compat
 from graphopt.ir import Value
-from graphopt.pattern import Op, Pattern, _bind, _fail
+from graphopt.pattern import Op, Pattern, _bind, _fail, any_guard
 
 # Constant-only values up to this many elements are evaluated (masks of long sequences are not).
 MAX_EVAL_ELEMENTS = 1 << 25
@@ -45,6 +45,13 @@ class AnyOf(Pattern):
     def __init__(self, *alternatives: Pattern, name: str | None = None):
         self.alternatives = alternatives
         self.name = name
+
+    def produced_by(self):
+        names = [p.produced_by() for p in self.alternatives]
+        return None if any(n is None for n in names) else frozenset().union(*names)
+
+    def root_guard(self):
+        return any_guard(self.alternatives)
 
     def match(self, value, captures, why):
         for pattern in self.alternatives:
@@ -88,6 +95,9 @@ class Mean(Pattern):
 
     def __init__(self, inner: Pattern, name: str | None = None):
         self.inner, self.name = inner, name
+
+    def produced_by(self):
+        return frozenset({"mul", "div"})
 
     def match(self, value, captures, why):
         node = value.node

@@ -65,7 +65,8 @@ def raise_ops(graph, ctx):
     ['softmax', 'silu']
     """
     for rules in RULE_PHASES:
-        ctx.count(rewrite(graph, rules))
+        # Decompositions are not searched: an op is raised whole, once (and they are many).
+        ctx.count(rewrite(graph, rules, descend=lambda node: node.op.name not in nn_ops.COMPOSITE_OPS))
     ctx.count(raise_attention(graph))
     return graph
 
@@ -324,6 +325,9 @@ class _RootedBy(Op):
 
     def match(self, value, captures, why):
         return self.inner.match(value, captures, why)
+
+    def root_guard(self):
+        return self.inner.root_guard()
 
 
 def _root_ops(pattern) -> frozenset:
