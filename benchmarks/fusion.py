@@ -9,12 +9,9 @@ Models (inference, float32):
 - a ResNet-style CNN with BatchNorm (flax linen; stem 16, stages 16/32/64 of two basic blocks,
   32×32×3 images, batch 32, running averages).
 
-The optimized program is `graphopt.trace` + the "inference" pipeline with, where registered,
-`raise_ops` (recognizes attention, layer_norm, ...) and `fuse_attention` (picks the attention
-kernel by measurement) after cse, and `fold_batchnorm` before fold_params. Without raise_ops the
-transformer marks its attention with a custom_jvp and this script turns each marked call into an
-attention node holding the call's primitives as decomposition (graphopt.nn_ops API), so
-fuse_attention has something to choose for either way.
+The optimized program is `graphopt.trace` + a pipeline (`--pipeline`, default "inference":
+canonicalize, fold_constants, cse, fold_batchnorm, raise_ops, fuse_attention, fold_params, dce),
+so attention is recognized by raise_ops and its kernel picked by fuse_attention by measurement.
 
 Method: both programs are compiled once (AOT, compile time not measured), warmed up, then run
 `--repeats` times interleaved in one process, alternating which goes first; each pair gives one
@@ -24,7 +21,7 @@ temporaries − aliased), the max relative error of the optimized outputs, and w
 chose.
 
     python benchmarks/fusion.py [--seqs 512 2048 8192] [--repeats 10] [--models transformer resnet]
-                                [--markdown] [--json out.json]
+                                [--pipeline inference] [--markdown] [--json out.json]
 """
 
 from __future__ import annotations
@@ -46,9 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 import graphopt
-from graphopt import nn_ops
-from graphopt.builder import Builder
-from graphopt.pipeline import PASSES, PIPELINES, _load_builtin_passes, run_pipeline
+from graphopt.pipeline import PIPELINES, run_pipeline
 
 
 # --- decoder transformer -------------------------------------------------------------------------
@@ -78,13 +73,6 @@ def causal_attention(q, k, v):
     return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, -1), v)
 
 
-def _marked(fn):
-    """fn as a custom_jvp call: one region node in the trace, found again by `attention_nodes`."""
-    marked = jax.custom_jvp(fn)
-    marked.defjvp(lambda primals, tangents: jax.jvp(fn, primals, tangents))
-    return marked
-
-
 def decoder(heads, attend):
     def apply(params, tokens):
         x = params["embed"][tokens]
@@ -96,23 +84,6 @@ def decoder(heads, attend):
             x = x + jax.nn.gelu(_layer_norm(x, p["ln2"]) @ p["up"] + p["up_b"]) @ p["down"] + p["down_b"]
         return x @ params["embed"].T
     return apply
-
-
-def attention_nodes(graph) -> int:
-    """Turn each marked attention call (custom_jvp_call) into an attention node that holds the
-    call's primitives as its decomposition; the count made. For graphs raise_ops did not see."""
-    made = 0
-    for node in list(graph.walk()):
-        if node.op.name != "custom_jvp_call":
-            continue
-        q, k, v = node.inputs
-        (region,) = node.regions
-        out = nn_ops.attention_node(Builder(node.graph, before=node, made_by="benchmarks/fusion"), q, k, v,
-                                    is_causal=True, mask_value=-1e9, decomposition=region)
-        node.graph.replace_all_uses(node.output, out)
-        node.graph.erase(node)
-        made += 1
-    return made
 
 
 # --- ResNet-style CNN ----------------------------------------------------------------------------
@@ -151,28 +122,15 @@ def _randomized_stats(variables, seed=1):
 
 # --- measuring -----------------------------------------------------------------------------------
 
-def pipeline() -> list[str]:
-    _load_builtin_passes()
-    names = list(PIPELINES["inference"])
-    def add(name, where):
-        if name in PASSES and name not in names:
-            names.insert(where(names), name)
-    add("fold_batchnorm", lambda n: n.index("fold_params") if "fold_params" in n else 0)
-    add("raise_ops", lambda n: n.index("cse") + 1 if "cse" in n else len(n))
-    add("fuse_attention", lambda n: n.index("raise_ops") + 1 if "raise_ops" in n else len(n))
-    return names
-
-
-def optimize(fn, args, marked: bool):
+def optimize(fn, args, pipeline):
     start = time.perf_counter()
     graph = graphopt.trace(fn, *args, params_argnums=0)
-    made = attention_nodes(graph) if marked else 0
-    result = run_pipeline(graph, pipeline())
+    result = run_pipeline(graph, pipeline)
     seconds = time.perf_counter() - start
     chosen = {k: v for r in result.report.records if r.name == "fuse_attention" for k, v in r.fired.items()}
     notes = [n for r in result.report.records if r.name == "fuse_attention" for n in r.notes]
     attention = sum(1 for n in result.graph.walk() if n.op.name == "attention")
-    return result.graph, {"optimize_s": seconds, "attention_nodes": attention, "marked": made,
+    return result.graph, {"optimize_s": seconds, "attention_nodes": attention,
                           "fuse_attention": chosen, "notes": notes}
 
 
@@ -189,8 +147,8 @@ def _relative_error(actual, expected) -> float:
     return float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-30))
 
 
-def compare(name, fn, args, marked, repeats) -> dict:
-    graph, info = optimize(fn, args, marked)
+def compare(name, fn, args, pipeline, repeats) -> dict:
+    graph, info = optimize(fn, args, pipeline)
     opt_args = graphopt.prepare(graph, *args)
     base = jax.jit(fn).lower(*args).compile()
     opt = jax.jit(graphopt.lower(graph)).lower(*opt_args).compile()
@@ -212,18 +170,18 @@ def compare(name, fn, args, marked, repeats) -> dict:
 
 def run(args) -> list[dict]:
     rows = []
-    marked = "raise_ops" not in PASSES
     if "transformer" in args.models:
         params = transformer_params(args.width, args.heads, args.layers, args.vocab)
-        fn = decoder(args.heads, _marked(causal_attention) if marked else causal_attention)
+        fn = decoder(args.heads, causal_attention)
         for seq in args.seqs:
             tokens = jax.random.randint(jax.random.PRNGKey(seq), (1, seq), 0, args.vocab)
-            rows.append(compare(f"decoder prefill T={seq}", fn, (params, tokens), marked, args.repeats))
+            rows.append(compare(f"decoder prefill T={seq}", fn, (params, tokens), args.pipeline, args.repeats))
     if "resnet" in args.models:
         model = ResNet()
         images = jax.random.normal(jax.random.PRNGKey(0), (args.batch, 32, 32, 3))
         variables = _randomized_stats(model.init(jax.random.PRNGKey(1), images))
-        rows.append(compare(f"resnet batch={args.batch}", model.apply, (variables, images), False, args.repeats))
+        rows.append(compare(f"resnet batch={args.batch}", model.apply, (variables, images), args.pipeline,
+                            args.repeats))
     return rows
 
 
@@ -265,12 +223,13 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--pipeline", default="inference")
     parser.add_argument("--json")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     rows = run(args)
     machine = {"backend": jax.default_backend(), "cpus": os.cpu_count(), "platform": platform.platform(),
-               "jax": jax.__version__, "date": datetime.date.today().isoformat(), "pipeline": pipeline(),
+               "jax": jax.__version__, "date": datetime.date.today().isoformat(), "pipeline": list(PIPELINES[args.pipeline]),
                "config": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")}}
     report(rows, machine, args.markdown)
     if args.json:

@@ -9,7 +9,8 @@ rule fired. Every pass declares a numerics contract:
 - `approximate(bound)`: the pass changes results (quantization, pruning); translation validation
   measures the relative error and checks it against `bound`.
 
-Pipelines are named lists of passes ("inference", "training"; "default" is "inference"). A pipeline
+Pipelines are named lists of passes ("cleanup", "inference", "mixed_precision", "training";
+"default" is "inference"; see PIPELINES). A pipeline
 spec is a name, or a list whose entries are pass names, `"name(arg, key=value)"` strings, `PassSpec`s
 or pass functions. `disable=[...]` drops passes by name.
 
@@ -144,10 +145,20 @@ def _literal(text: str) -> Any:
         return text.strip()
 
 
+# cleanup: the exact, bit-preserving core. inference: cleanup, then fusion on frozen weights (cse
+# before fold_batchnorm and raise_ops, which expect one value per expression; fold_params after
+# them, so the weight-side work they create is precomputed; raise_ops before fuse_attention,
+# which picks kernels for the ops it raised). mixed_precision: inference with autocast after
+# raise_ops (norms and softmax are then composites it keeps in float32) and before the kernels
+# are chosen. training: no frozen weights, no approximate passes.
 PIPELINES: dict[str, tuple[str, ...]] = {
     "none": (),
-    "inference": ("canonicalize", "fold_constants", "fold_params", "cse", "dce"),
-    "training": ("canonicalize", "fold_constants", "cse", "dce"),
+    "cleanup": ("canonicalize", "fold_constants", "fold_params", "cse", "dce"),
+    "inference": ("canonicalize", "fold_constants", "cse", "fold_batchnorm", "raise_ops",
+                  "fuse_attention", "fold_params", "dce"),
+    "mixed_precision": ("canonicalize", "fold_constants", "cse", "fold_batchnorm", "raise_ops",
+                        "autocast", "fuse_attention", "fold_params", "dce"),
+    "training": ("canonicalize", "fold_constants", "cse", "raise_ops", "dce"),
 }
 PIPELINES["default"] = PIPELINES["inference"]
 

@@ -34,8 +34,8 @@ def fold_params(graph, ctx, max_growth: float = 1.0):
     """Move parameter-only computations into the parameter prep graph."""
     if not graph.params() or not graph.param_argnums:
         return graph
-    derived = _param_derived(graph)
-    frontier = _frontier(graph, derived, max_growth)
+    derived, constant = _param_derived(graph)
+    frontier = _frontier(graph, derived, constant, max_growth)
     if not frontier:
         return graph
     _check_unique_paths(graph)
@@ -47,10 +47,15 @@ def fold_params(graph, ctx, max_growth: float = 1.0):
     return graph
 
 
-def _param_derived(graph) -> dict:
-    """id(value) -> (value, source param bytes) for every value computed from params only."""
+def _param_derived(graph) -> tuple[dict, set]:
+    """id(value) -> (value, source param bytes) for every value computed from params (and
+    constants); and the ids of the values computed from constants only."""
     derived = {id(a): (a, a.type.nbytes) for a in graph.params()}
+    constant = set()  # ids of values computed from constants only (a scale 1/sqrt(d), say)
     for node in graph.nodes:
+        if node.op.name == "constant":
+            constant.add(id(node.outputs[0]))
+            continue
         # Nearly every node reads a non-derived value: stop at the first one (a plain loop; this
         # runs once per node of the model).
         source_bytes = None
@@ -58,23 +63,24 @@ def _param_derived(graph) -> dict:
             entry = derived.get(id(value))
             if entry is not None:
                 source_bytes = (source_bytes or 0) + entry[1]
-            elif not _is_constant(value):
+            elif id(value) not in constant:
                 break
         else:
-            if source_bytes is None:
-                continue  # constants only (or no inputs): fold_constants' job
-            if node.effects or node.regions or node.op.kind == "opaque":
+            if node.effects or node.regions or node.op.kind == "opaque" or not node.inputs:
+                continue
+            if source_bytes is None:  # constants only: the prep computes it if a derived value needs it
+                constant.update(id(v) for v in node.outputs)
                 continue
             for value in node.outputs:
                 derived[id(value)] = (value, source_bytes)
-    return derived
+    return derived, constant
 
 
 # Layout changes XLA performs for free (a bitcast of the buffer): precomputing them gains nothing.
 _FREE_LAYOUT = frozenset({"reshape", "squeeze", "expand_dims"})
 
 
-def _frontier(graph, derived, max_growth) -> list:
+def _frontier(graph, derived, constant, max_growth) -> list:
     """Derived node outputs read by non-derived nodes or returned, worth materializing.
 
     A value too large to materialize, or a free layout change of a parameter, keeps its node in
@@ -96,7 +102,7 @@ def _frontier(graph, derived, max_growth) -> list:
         for value in keep:
             for out in value.node.outputs:
                 derived.pop(id(out), None)
-        _drop_orphans(derived)
+        _drop_orphans(derived, constant)
 
 
 def _read_outside(value, derived) -> bool:
@@ -105,7 +111,7 @@ def _read_outside(value, derived) -> bool:
                for user, _ in value.uses)
 
 
-def _drop_orphans(derived) -> None:
+def _drop_orphans(derived, constant) -> None:
     # A derived node whose derived users were all removed may itself now be a frontier: nothing to
     # do here, _frontier recomputes. But a node whose *inputs* were removed is no longer derived.
     changed = True
@@ -113,13 +119,9 @@ def _drop_orphans(derived) -> None:
         changed = False
         for key, (value, _) in list(derived.items()):
             node = value.node
-            if node is not None and any(id(v) not in derived and not _is_constant(v) for v in node.inputs):
+            if node is not None and any(id(v) not in derived and id(v) not in constant for v in node.inputs):
                 del derived[key]
                 changed = True
-
-
-def _is_constant(value) -> bool:
-    return value.node is not None and value.node.op.name == "constant"
 
 
 def _extend_prep(graph, derived):
@@ -133,18 +135,26 @@ def _extend_prep(graph, derived):
         outputs = list(prep.outputs)
     prep_values = {id(p): v for p, v in zip(params, outputs)}
     for node in _derived_nodes(derived):
-        inputs = []
-        for value in node.inputs:
-            if id(value) not in prep_values:  # a constant
-                const = value.node
-                prep_values[id(value)] = prep.add_node(const.op, [], const.params, (), const.provenance,
-                                                       _types=[value.type]).output
-            inputs.append(prep_values[id(value)])
+        inputs = [_in_prep(value, prep, prep_values) for value in node.inputs]
         copy = prep.add_node(node.op, inputs, node.params, (), node.provenance,
                              _types=[v.type for v in node.outputs], _effects=node.effects)
         for old, new in zip(node.outputs, copy.outputs):
             prep_values[id(old)] = new
     return prep, prep_values
+
+
+def _in_prep(value, prep, prep_values):
+    """The prep's copy of `value`: a derived value's, or a copy of the constants (and the
+    constant-only nodes) it is computed from."""
+    found = prep_values.get(id(value))
+    if found is None:
+        node = value.node
+        inputs = [_in_prep(v, prep, prep_values) for v in node.inputs]
+        copy = prep.add_node(node.op, inputs, node.params, (), node.provenance,
+                             _types=[v.type for v in node.outputs], _effects=node.effects)
+        prep_values.update(zip(map(id, node.outputs), copy.outputs))
+        found = prep_values[id(value)]
+    return found
 
 
 def _replace_frontier(graph, frontier, prep_values) -> None:

@@ -50,7 +50,7 @@ def test_nnx_module_sees_updated_weights():
 
 
 def test_unknown_pipeline_is_rejected_with_known_names():
-    with pytest.raises(GraphoptError, match="unknown pipeline 'fastest'; known: default, inference, none, training"):
+    with pytest.raises(GraphoptError, match="unknown pipeline 'fastest'; known: cleanup, default, inference, mixed_precision, none, training"):
         graphopt.optimize(lambda x: x, pipeline="fastest")
 
 

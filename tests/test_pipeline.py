@@ -35,7 +35,7 @@ def test_parse_spec():
 def test_unknown_pass_and_pipeline_list_the_known_ones():
     with pytest.raises(GraphoptError, match=r"unknown pass 'fold_everything'; known passes: .*cse.*dce"):
         resolve(["fold_everything"])
-    with pytest.raises(GraphoptError, match=r"unknown pipeline 'fastest'; known: default, inference"):
+    with pytest.raises(GraphoptError, match=r"unknown pipeline 'fastest'; known: cleanup, default, inference"):
         resolve("fastest")
     with pytest.raises(GraphoptError, match="cannot disable unknown pass"):
         resolve("inference", disable=["nope"])
@@ -44,8 +44,9 @@ def test_unknown_pass_and_pipeline_list_the_known_ones():
 def test_named_pipelines_and_disable():
     assert [i.name for i, _ in resolve("inference")] == list(PIPELINES["inference"])
     assert "fold_params" not in [i.name for i, _ in resolve("training")]
-    assert [i.name for i, _ in resolve("inference", disable=["cse", "fold_params"])] == [
+    assert [i.name for i, _ in resolve("cleanup", disable=["cse", "fold_params"])] == [
         "canonicalize", "fold_constants", "dce"]
+    assert "autocast" not in PIPELINES["inference"] and "autocast" in PIPELINES["mixed_precision"]
 
 
 def test_options_reach_the_pass_and_the_report_counts(temporary_pass):

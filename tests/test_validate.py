@@ -203,8 +203,9 @@ def test_special_values_catch_fast_math_rewrites(register):
 
 def test_a_graph_that_no_longer_runs_is_reverted(register):
     @register("test_broken")
-    def broken(graph, ctx):  # exp2 without its params: builds, but cannot be lowered
-        return _replace_ops(graph, "exp", "test_broken", lambda b, node: b.op("exp2", node.inputs[0]))
+    def broken(graph, ctx):  # exp2 with a bad param: its shape rule accepts it, its lowering not
+        return _replace_ops(graph, "exp", "test_broken",
+                            lambda b, node: b.op("exp2", node.inputs[0], accuracy="not an accuracy"))
 
     with pytest.warns(ValidationWarning, match="the graph after the pass fails to run"):
         result = run_pipeline(graphopt.trace(model, X), ["test_broken"], validator=Validator())

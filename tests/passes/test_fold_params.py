@@ -15,17 +15,21 @@ FREE_LAYOUT = {"reshape", "squeeze", "expand_dims"}
 
 
 def _weight_only_nodes(graph, *, free_layout: bool = False) -> int:
-    """Nodes computed from parameters and constants only (some parameter among them).
+    """Nodes computed from parameters and constants only (some parameter among them; constants
+    may be computed, 1/sqrt(8) say).
 
     `free_layout=False` leaves out reshapes of a parameter itself: XLA does those as a bitcast,
     for free, so fold_params keeps them in the graph; every other weight-only node does work.
     """
     derived = {id(a) for a in graph.params()}
+    constant = set()  # values computed from constants only
     count = 0
     for node in graph.nodes:
-        inputs_ok = all(id(v) in derived or (v.node is not None and v.node.op.name == "constant")
-                        for v in node.inputs)
-        if node.inputs and inputs_ok and any(id(v) in derived for v in node.inputs):
+        if all(id(v) in constant for v in node.inputs):
+            constant.update(id(v) for v in node.outputs)
+            continue
+        inputs_ok = all(id(v) in derived or id(v) in constant for v in node.inputs)
+        if inputs_ok and any(id(v) in derived for v in node.inputs):
             derived.update(id(v) for v in node.outputs)
             is_free = node.op.name in FREE_LAYOUT and all(v.node is None for v in node.inputs)
             count += free_layout or not is_free
@@ -140,3 +144,20 @@ def test_gradients_with_respect_to_inputs_are_unchanged():
     lowered = graphopt.lower(graph)
     grad = jax.grad(lambda x: lowered(args[0], x).sum())(x)
     assert_equivalent(grad, jax.grad(lambda x: model.apply(variables, x).sum())(x), rtol=1e-4, atol=1e-5)
+
+
+def test_weights_scaled_by_constant_expressions_are_precomputed():
+    """A weight times a value computed from constants only (1/sqrt(d), as fold_batchnorm leaves
+    a folded attention scale): the prep computes both, the graph keeps one dot."""
+    def fn(params, x):
+        return x @ (params["w"] * (1.0 / jnp.sqrt(jnp.float32(8.0))))
+
+    params = {"w": jnp.arange(12.0).reshape(3, 4)}
+    x = jnp.ones((2, 3))
+    graph = graphopt.trace(fn, params, x, params_argnums=0)
+    assert _weight_only_nodes(graph) == 1  # w * (1 / sqrt(8)), the scale computed from constants
+    result = run_pipeline(graph, ["fold_params", "dce"])
+    assert [n.op.name for n in result.graph.nodes] == ["dot_general"]
+    assert result.report.records[0].fired["new-param"] == 1
+    args = graphopt.prepare(result.graph, params, x)
+    assert_equivalent(jax.jit(graphopt.lower(result.graph))(*args), jax.jit(fn)(params, x), exact=True)
