@@ -464,6 +464,22 @@ class Graph:
         verify_graph(self)
 
 
+def erase_dead(candidates: Sequence[Node]) -> int:
+    """Erase the candidates that have no readers and no effects, and the producers that become
+    dead in turn; returns how many nodes were erased."""
+    erased = 0
+    stack = list(candidates)
+    while stack:
+        node = stack.pop()
+        if node.graph is None or node.effects or any(v.uses for v in node.outputs):
+            continue
+        producers = [v.node for v in node.inputs if v.node is not None]
+        node.graph.erase(node)
+        erased += 1
+        stack.extend(producers)
+    return erased
+
+
 class _InsertionPoint:
     def __init__(self, graph: Graph, node: Node | None):
         self.graph, self.node = graph, node

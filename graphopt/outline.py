@@ -51,7 +51,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from graphopt.errors import GraphError
-from graphopt.ir import Argument, Graph, Node, Value
+from graphopt.ir import Argument, Graph, Node, Value, erase_dead
 
 
 class OutlineError(GraphError):
@@ -111,21 +111,6 @@ def replace_with(node: Node, outputs: Sequence[Value]) -> int:
     for old, new in zip(outputs, node.outputs):
         graph.replace_all_uses(old, new)
     return erase_dead([v.node for v in outputs if v.node is not None])
-
-
-def erase_dead(candidates: Sequence[Node]) -> int:
-    """Erase the candidates without readers or effects, and the producers that become dead."""
-    erased = 0
-    stack = list(candidates)
-    while stack:
-        node = stack.pop()
-        if node.graph is None or node.effects or any(v.uses for v in node.outputs):
-            continue
-        producers = [v.node for v in node.inputs if v.node is not None]
-        node.graph.erase(node)
-        erased += 1
-        stack.extend(producers)
-    return erased
 
 
 # --- helpers -------------------------------------------------------------------------------------

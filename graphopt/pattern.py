@@ -37,13 +37,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections import Counter
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from graphopt.builder import Builder
 from graphopt.errors import GraphError
-from graphopt.ir import Graph, Node, Value
+from graphopt.ir import Graph, Node, Value, erase_dead
 
 Predicate = Callable[[Any], bool]
 
@@ -393,20 +393,8 @@ def _apply(graph: Graph, rule: Rule, root: Node, captures: dict, made_by) -> lis
     for old, new in pairs:
         touched.extend(old.users())
         graph.replace_all_uses(old, new)
-    _erase_dead([old.node for old, _ in pairs if old.node is not None])
+    erase_dead([old.node for old, _ in pairs if old.node is not None])
     return [n for n in touched if n.graph is graph]  # erased nodes have no graph
-
-
-def _erase_dead(candidates: Iterable[Node]) -> None:
-    """Erase nodes that no longer have readers or effects, and their operands that became dead."""
-    stack = list(candidates)
-    while stack:
-        node = stack.pop()
-        if node.graph is None or node.effects or any(v.uses for v in node.outputs):
-            continue
-        producers = [v.node for v in node.inputs if v.node is not None]
-        node.graph.erase(node)
-        stack.extend(producers)
 
 
 def constant_value(value: Value) -> np.ndarray | None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from graphopt.errors import GraphError
-from graphopt.ir import Graph
+from graphopt.ir import Graph, erase_dead
 from graphopt.ops import primitive_op
 from graphopt.types import TensorType
 
@@ -130,3 +130,10 @@ def test_walk_visits_regions():
     names = [n.op.name for n in g.walk()]
     assert "scan" in names and "sin" in names
     assert "sin" not in [n.op.name for n in g.nodes]
+
+
+def test_erase_dead_keeps_nodes_with_readers_and_takes_dead_producers():
+    g, x, _, cos = _sin_cos_graph()
+    assert erase_dead([cos]) == 0  # a graph output reads it
+    g.set_outputs([x])
+    assert erase_dead([cos]) == 2 and len(g) == 0  # cos, then sin, which only cos read
