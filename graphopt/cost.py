@@ -48,12 +48,12 @@ def node_flops(node) -> tuple[int, bool]:
     if name in REDUCTIONS:
         return node.inputs[0].type.size, True
     if node.regions:
-        return _region_flops(node)
+        return _region_flops(node, [graph_flops(r) for r in node.regions])
     return 0, node.op.kind != "opaque"
 
 
-def _region_flops(node) -> tuple[int, bool]:
-    counts = [graph_flops(r) for r in node.regions]
+def _region_flops(node, counts: list) -> tuple[int, bool]:
+    """A region op's FLOPs from its regions' (FLOPs, exact) counts."""
     exact = all(e for _, e in counts)
     if node.op.name == "scan":
         return counts[0][0] * node.params["length"], exact
@@ -66,19 +66,7 @@ def _region_flops(node) -> tuple[int, bool]:
 
 def graph_flops(graph) -> tuple[int, bool]:
     """(total FLOPs, whether exact) over the graph's nodes."""
-    total, exact = 0, True
-    for node in graph.nodes:
-        count, node_exact = _cached_flops(node)
-        total += count
-        exact = exact and node_exact
-    return total, exact
-
-
-def _cached_flops(node) -> tuple[int, bool]:
-    cached = node._flops
-    if cached is None or node.regions:  # a region's contents may change under the node
-        cached = node._flops = node_flops(node)
-    return cached
+    return _sweep(graph)[1]
 
 
 def param_stats(graph) -> tuple[int, int]:
@@ -99,27 +87,31 @@ def graph_stats(graph) -> tuple[int, int, int]:
     >>> graph_stats(graphopt.trace(lambda x: x * 2.0, jnp.ones(4)))
     (2, 4, 4)
     """
-    nodes, flops, constant_bytes = len(graph), 0, 0
-    node = graph._first  # the node list, walked directly: this runs after every pass
-    while node is not None:
-        cached = node._flops  # _cached_flops, inlined
-        if cached is None or node.regions:
-            cached = node._flops = node_flops(node)
-        flops += cached[0]
-        if node.op.name == "constant":
-            constant_bytes += node.outputs[0].type.nbytes
-        for region in node.regions:
-            nodes, constant_bytes = _count(region, nodes, constant_bytes)
-        node = node._next
+    nodes, (flops, _), constant_bytes = _sweep(graph)
     return nodes, flops, param_stats(graph)[1] + constant_bytes
 
 
-def _count(graph, nodes: int, constant_bytes: int) -> tuple[int, int]:
-    """(nodes, constant bytes) of `graph`, regions included, added to the given counts."""
-    nodes += len(graph)
-    for node in graph.nodes:
-        if node.op.name == "constant":
-            constant_bytes += node.outputs[0].type.nbytes
-        for region in node.regions:
-            nodes, constant_bytes = _count(region, nodes, constant_bytes)
-    return nodes, constant_bytes
+def _sweep(graph) -> tuple[int, tuple[int, bool], int]:
+    """(nodes, (FLOPs, exact), constant bytes) of `graph`, regions included, visiting each node
+    once. A node's FLOPs are cached on it (op, params and types never change), except for region
+    ops, whose regions may have been rewritten: they are summed from the regions' sweeps."""
+    nodes, flops, exact, constant_bytes = len(graph), 0, True, 0
+    node = graph._first  # the node list, walked directly: this runs after every pass
+    while node is not None:
+        if node.regions:
+            counts = []
+            for region in node.regions:
+                n, count, b = _sweep(region)
+                nodes, constant_bytes = nodes + n, constant_bytes + b
+                counts.append(count)
+            cached = node._flops = _region_flops(node, counts)
+        else:
+            cached = node._flops
+            if cached is None:
+                cached = node._flops = node_flops(node)
+            if node.op.name == "constant":
+                constant_bytes += node.outputs[0].type.nbytes
+        flops += cached[0]
+        exact = exact and cached[1]
+        node = node._next
+    return nodes, (flops, exact), constant_bytes
