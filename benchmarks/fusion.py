@@ -113,11 +113,15 @@ class ResNet(nn.Module):
 
 
 def _randomized_stats(variables, seed=1):
-    """Non-trivial running statistics, so folding BatchNorm is not folding an identity."""
-    leaves, tree = jax.tree.flatten(variables["batch_stats"])
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    leaves = [jnp.abs(jax.random.normal(k, l.shape)) + 0.5 for k, l in zip(keys, leaves)]
-    return {**variables, "batch_stats": jax.tree.unflatten(tree, leaves)}
+    """Non-trivial running statistics (means near 0, variances around 1), so folding BatchNorm is
+    not folding an identity and the activations stay alive through the ReLUs."""
+    def randomize(path, leaf):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), hash(jax.tree_util.keystr(path)) % (1 << 31))
+        noise = jax.random.normal(key, leaf.shape)
+        return jnp.abs(noise) + 0.5 if path[-1].key == "var" else 0.1 * noise
+
+    stats = jax.tree_util.tree_map_with_path(randomize, variables["batch_stats"])
+    return {**variables, "batch_stats": stats}
 
 
 # --- measuring -----------------------------------------------------------------------------------
