@@ -1,4 +1,4 @@
-"""The kernels of graphopt's composite ops, by op, implementation name and backend.
+"""The kernels of graphopt's ops, by op, implementation name and backend (the one kernel table).
 
 A composite op (`graphopt.nn_ops`) lowers to its decomposition or reference implementation unless
 its `implementation` param names a kernel. This module is the table of those kernels: the lowering
@@ -11,6 +11,7 @@ and a pass only *names* a kernel; the lowering runs it.
     key (op, implementation, backend)      backend None: any backend
     ("attention", "xla", None)             jax.nn.dot_product_attention(implementation="xla")
     ("attention", "cudnn", "gpu")          ... implementation="cudnn"
+    (op, "default", backend)               a non-composite op's kernel (lowering.emit.register_kernel)
 
 Example:
     >>> [k.implementation for k in available("attention", "cpu")]
@@ -52,7 +53,8 @@ KERNELS: dict[tuple[str, str, str | None], Kernel] = {}
 
 
 def register(op: str, implementation: str, backend: str | None = None, *, supports=None):
-    """Decorator: `fn` is kernel `implementation` of composite `op` on `backend` (None: any)."""
+    """Decorator: `fn` is kernel `implementation` of graphopt op `op` on `backend` (None: any).
+    Composites name their kernels (passes choose); other ops have a "default" (see lowering.emit)."""
     def decorate(fn):
         KERNELS[(op, implementation, backend)] = Kernel(op, implementation, backend, fn, supports)
         return fn

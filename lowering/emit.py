@@ -9,8 +9,8 @@ a region op gets its sub-graphs as Python callables, and a graphopt op runs
   (or any backend). A kernel missing on this backend, or one that does not support the node's
   shapes, is an error naming the op, the implementation, the backend and what to do: never a
   silent fallback to something else;
-- any other op: the backend's default kernel if one is registered in `KERNELS`, else its
-  reference implementation.
+- any other op: its backend's default kernel if one is registered (`register_kernel`), else
+  its reference implementation.
 
 The result can be jitted, differentiated, vmapped and exported like any JAX function.
 
@@ -36,18 +36,15 @@ from graphopt.nn_ops import CompositeOp
 from graphopt.ops import OpDef, PrimitiveOp
 from graphopt.types import dtype_name
 
-# (op name, backend) -> kernel(*args, regions=..., **params) -> list; backend None = any backend.
-# Default kernels of non-composite graphopt ops. Composites' named kernels are in
-# graphopt.implementations (passes choose among them); choices are data, not if-chains.
-KERNELS: dict[tuple[str, str | None], Callable] = {}
+# A non-composite graphopt op's per-backend default kernel is its "default" implementation in
+# graphopt.implementations, the one kernel table (composites' kernels are named, chosen by passes).
+DEFAULT = "default"
 
 
 def register_kernel(op_name: str, backend: str | None = None):
-    """Decorator: use this function to lower graphopt op `op_name` on `backend` ('cpu', 'gpu', 'tpu')."""
-    def decorate(kernel):
-        KERNELS[(op_name, backend)] = kernel
-        return kernel
-    return decorate
+    """Decorator: use this function to lower graphopt op `op_name` on `backend` ('cpu', 'gpu', 'tpu';
+    None: any), instead of the op's reference implementation."""
+    return implementations.register(op_name, DEFAULT, backend)
 
 
 class RegionFunction:
@@ -96,7 +93,8 @@ def _run_opdef(node: Node, op: OpDef, args, backend: str) -> list:
     if isinstance(op, CompositeOp):
         kernel = _composite_kernel(node, op, backend)
     else:
-        kernel = KERNELS.get((op.name, backend)) or KERNELS.get((op.name, None)) or op.impl
+        found = implementations.find(op.name, DEFAULT, backend)
+        kernel = found.fn if found is not None else op.impl
     regions = [RegionFunction(r, node.provenance.module_path) for r in node.regions]
     return list(kernel(*args, regions=regions, **node.params))
 

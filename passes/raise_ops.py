@@ -65,7 +65,8 @@ def raise_ops(graph, ctx):
     ['softmax', 'silu']
     """
     for rules in RULE_PHASES:
-        # Decompositions are not searched: an op is raised whole, once (and they are many).
+        # Decompositions are not searched: an op is raised whole, once (and they are many). The
+        # rules' conditions need not check it.
         ctx.count(rewrite(graph, rules, descend=lambda node: node.op.name not in nn_ops.COMPOSITE_OPS))
     ctx.count(raise_attention(graph))
     return graph
@@ -158,16 +159,10 @@ def _close_to(target: float):
     return check
 
 
-def _outside_composites(c) -> bool:
-    """Not inside a composite's decomposition: an op is raised whole, once."""
-    parent = c["_root"].graph.parent
-    return parent is None or parent.op.name not in nn_ops.COMPOSITE_OPS
-
-
 def _norm_ok(c) -> bool:
     """Means over the same trailing axes of x; keepdims steps put the ones at those axes; epsilon
     >= 0; scale and bias have the trailing (normalized) dims of x, as nn_ops broadcasts them."""
-    if not _outside_composites(c) or not reductions_agree(c):
+    if not reductions_agree(c):
         return False
     axes = c["_means"][0][0]
     x = c["x"].type
@@ -184,14 +179,14 @@ def _norm_ok(c) -> bool:
 
 def _softmax_ok(c) -> bool:
     axes = tuple(int(a) for a in c["xmax"].node.params["axes"])
-    return _outside_composites(c) and tuple(int(a) for a in c["esum"].node.params["axes"]) == axes and \
+    return tuple(int(a) for a in c["esum"].node.params["axes"]) == axes and \
         keepdims_agree(c, axes, c["x"].type.shape)
 
 
 def _bias_along_features(c) -> bool:
     """The bias varies along the free dims of one operand only (the features), not along the
     others (a residual add is not a bias)."""
-    if not _outside_composites(c) or c["dot"].node.params.get("out_sharding") is not None:
+    if c["dot"].node.params.get("out_sharding") is not None:
         return False
     dot, bias = c["dot"], c["bias"]
     (lc, _), (lb, _) = dot.node.params["dimension_numbers"]
@@ -213,7 +208,7 @@ def _bias_along_lhs_features(c) -> bool:
     """For add(transpose(dot(w, x)), bias): the bias varies along w's free dims, which the
     transpose puts last, only."""
     dot, bias, out = c["dot"], c["bias"], c["_root"].type.shape
-    if not _outside_composites(c) or dot.node.params.get("out_sharding") is not None or \
+    if dot.node.params.get("out_sharding") is not None or \
             c["t"].type.shape != out or bias.type.ndim > len(out):
         return False
     (lc, _), (lb, _) = dot.node.params["dimension_numbers"]
@@ -226,7 +221,7 @@ def _bias_along_lhs_features(c) -> bool:
 def _is_weight(c) -> bool:
     """A dot_general with a parameter (a graph input with role param) as its rhs."""
     w = c["w"]
-    return _outside_composites(c) and w.node is None and getattr(w, "role", None) == "param" and \
+    return w.node is None and getattr(w, "role", None) == "param" and \
         c["dot"].node.params.get("out_sharding") is None
 
 
@@ -310,7 +305,7 @@ LINEAR_SWAPPED = _commuted("add", Op("transpose", Op("dot_general", Var("w"), x,
                                      name="t"), Broadcast(Var("bias")), name="out")
 
 
-def _root_rule(name, pattern, replacement, where):
+def _root_rule(name, pattern, replacement, where=None):
     """A rule whose pattern is `pattern` under any root op (an AnyOf root is an Op set)."""
     ops = _root_ops(pattern)
     return Rule(name, _RootedBy(ops, pattern), replacement, where=where)
@@ -378,12 +373,11 @@ def _has_stop_gradient(value) -> bool:
 # without, which would take the inner product), layer norms before rms norms (x - mean is an
 # rms_norm's input too), linear with a bias before the bare dot.
 RULE_PHASES = [
-    [Rule("raise_ops/max-after-transpose", MAX_OF_TRANSPOSED, _max_after_transpose,
-          where=_outside_composites)],
+    [Rule("raise_ops/max-after-transpose", MAX_OF_TRANSPOSED, _max_after_transpose)],
     [_root_rule("raise_ops/softmax", SOFTMAX, _softmax, _softmax_ok),
-     _root_rule("raise_ops/gelu-tanh", GELU_TANH, _gelu(True), _outside_composites),
-     _root_rule("raise_ops/gelu-erf", GELU_ERF, _gelu(False), _outside_composites),
-     _root_rule("raise_ops/silu", SILU, _silu, _outside_composites),
+     _root_rule("raise_ops/gelu-tanh", GELU_TANH, _gelu(True)),
+     _root_rule("raise_ops/gelu-erf", GELU_ERF, _gelu(False)),
+     _root_rule("raise_ops/silu", SILU, _silu),
      _root_rule("raise_ops/linear", LINEAR_BIAS, _linear, _bias_along_features),
      _root_rule("raise_ops/linear-transposed", LINEAR_SWAPPED, _linear_swapped, _bias_along_lhs_features),
      _root_rule("raise_ops/layer-norm", LAYER_NORM_FULL, _layer_norm, _norm_ok)],

@@ -10,6 +10,7 @@ import pytest
 
 import graphopt
 from graphopt.demo import DemoConfig, demo_model
+from graphopt import implementations
 from graphopt.errors import SignatureError
 from graphopt.ir import Graph
 from graphopt.lowering import emit
@@ -86,8 +87,8 @@ def test_kernels_are_chosen_per_backend():
     x = g.add_input(TensorType((2,), np.float32))
     g.set_outputs([g.add_node(op, [x]).output])
     assert graphopt.lower(g)(jnp.ones(2))[0].tolist() == [2.0, 2.0]
-    emit.KERNELS[("test_double", jax.default_backend())] = lambda x, *, regions: [x * 3]
+    emit.register_kernel("test_double", jax.default_backend())(lambda x, *, regions: [x * 3])
     try:
         assert graphopt.lower(g)(jnp.ones(2))[0].tolist() == [3.0, 3.0]
     finally:
-        del emit.KERNELS[("test_double", jax.default_backend())]
+        del implementations.KERNELS[("test_double", emit.DEFAULT, jax.default_backend())]
