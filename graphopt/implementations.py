@@ -63,6 +63,7 @@ def register(op: str, implementation: str, backend: str | None = None, *, suppor
 
 def _load_builtin_kernels() -> None:
     import graphopt.lowering.kernels  # noqa: F401  (registers the built-in kernels)
+    import graphopt.lowering.quant_kernels  # noqa: F401
 
 
 def find(op: str, implementation: str, backend: str) -> Kernel | None:
@@ -92,37 +93,55 @@ def measure(node, candidates: Sequence[str | None], *, repeats: int = 5,
     """Median seconds of one run of `node`, alone and jitted on the default backend, for each
     implementation in `candidates` (None: its decomposition or reference), on the same random
     inputs of its types. A candidate that fails to compile maps to the exception it raised.
+    See `time_graphs` for how the runs are timed."""
+    graphs = {}
+    for name in candidates:
+        graphs[name] = single_node_graph(node, {**node.params, "implementation": name})
+    return time_graphs(graphs, repeats=repeats, seed=seed)
+
+
+def single_node_graph(node, params: dict | None = None, op=None):
+    """A graph holding a copy of `node` alone (with `params` / `op` in place of its own), its
+    inputs the node's inputs."""
+    from graphopt.ir import Graph
+
+    graph = Graph(f"measure_{node.op.name}")
+    inputs = [graph.add_input(t) for t in node.input_types]
+    regions = [r.clone()[0] for r in node.regions]
+    new = graph.add_node(op or node.op, inputs, node.params if params is None else params, regions)
+    graph.set_outputs(list(new.outputs))
+    return graph
+
+
+def time_graphs(graphs: dict, *, repeats: int = 5, seed: int = 0) -> dict:
+    """Median seconds of one jitted run of each graph (label → Graph) on random inputs of its
+    input types (the same inputs for graphs with the same input types). A graph that fails to
+    compile maps to the exception it raised.
 
     Compilation is not timed; one warm-up run is. The runs are interleaved (round-robin), so a
     change of machine load hits every candidate alike. Uses the lowering (imported here: graphopt/
     may, as param_prep does; passes/ may not), so what is timed is what the program will run.
     """
-    from graphopt.ir import Graph
     from graphopt.lowering.emit import lower
 
-    rng = np.random.default_rng(seed)
-    args = [_random(rng, t) for t in node.input_types]
     runs: dict = {}
-    results: dict[str | None, float | Exception] = {}
-    for name in candidates:
-        graph = Graph(f"measure_{node.op.name}")
-        inputs = [graph.add_input(t) for t in node.input_types]
-        regions = [r.clone()[0] for r in node.regions]
-        params = {**node.params, "implementation": name}
-        graph.set_outputs(list(graph.add_node(node.op, inputs, params, regions).outputs))
+    results: dict = {}
+    for label, graph in graphs.items():
+        rng = np.random.default_rng(seed)
+        args = [_random(rng, a.type) for a in graph.inputs]
         try:
             compiled = jax.jit(lower(graph).flat).lower(*args).compile()
             jax.block_until_ready(compiled(*args))
         except Exception as err:  # e.g. cuDNN refusing a shape at compile time
-            results[name] = err
+            results[label] = err
             continue
-        runs[name] = (compiled, [])
+        runs[label] = (compiled, args, [])
     for _ in range(max(1, repeats)):
-        for compiled, times in runs.values():
+        for compiled, args, times in runs.values():
             start = time.perf_counter()
             jax.block_until_ready(compiled(*args))
             times.append(time.perf_counter() - start)
-    results.update({name: statistics.median(times) for name, (_, times) in runs.items()})
+    results.update({label: statistics.median(times) for label, (_, _, times) in runs.items()})
     return results
 
 

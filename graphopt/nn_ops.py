@@ -363,14 +363,18 @@ def add_composite(where, op: CompositeOp | str, inputs, params: dict, decomposit
     """Add a node of composite `op` at a Builder's insertion point (or the end of a Graph), holding
     `decomposition` (a Graph whose inputs and outputs match the node's) if given; its output Value.
     The node keeps the Builder's provenance (module path, source line, made_by)."""
+    return composite_node(where, op, inputs, params, decomposition).output
+
+
+def composite_node(where, op: CompositeOp | str, inputs, params: dict, decomposition=None):
+    """As `add_composite`, but the Node (for ops with several outputs)."""
     from graphopt.builder import Builder
 
     op = OPS[op] if isinstance(op, str) else op
     graph, before, provenance = ((where.graph, where.before, where.provenance)
                                  if isinstance(where, Builder) else (where, None, None))
     regions = [] if decomposition is None else [decomposition]
-    node = graph.add_node(op, inputs, params, regions, provenance, before=before)
-    return node.output
+    return graph.add_node(op, inputs, params, regions, provenance, before=before)
 
 
 def attention_node(where, q, k, v, bias=None, mask=None, *, scale: float | None = None,

@@ -1,0 +1,1 @@
+"""graphopt.quant: quantization schemes, calibration, layer rules and saved artifacts."""
