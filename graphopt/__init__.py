@@ -20,6 +20,7 @@ from graphopt.lowering.emit import lower
 from graphopt.lowering.export import deserialize, export
 from graphopt.param_prep import prepare
 from graphopt.pipeline import register_pass, run_pipeline
+from graphopt.quant import quantize
 from graphopt.trace import trace
 from graphopt.types import TensorType
 from graphopt.validate import BisectResult, Validator, bisect
@@ -30,5 +31,5 @@ __all__ = [
     "Argument", "BisectResult", "Graph", "GraphError", "GraphoptError", "GraphoptWarning", "Node",
     "Optimized", "Provenance", "SignatureError", "TensorType", "TraceError", "ValidationError",
     "ValidationWarning", "Validator", "Value", "bisect", "deserialize", "export", "lower", "optimize",
-    "prepare", "register_pass", "run_pipeline", "trace",
+    "prepare", "quantize", "register_pass", "run_pipeline", "trace",
 ]

@@ -33,6 +33,11 @@ class SignatureError(GraphoptError, TypeError):
     """A lowered graph was called with arguments that do not match the traced signature."""
 
 
+class PrepError(GraphoptError, ValueError):
+    """Parameters that cannot be prepared for an optimized graph (NaN weights where quantization
+    needs finite ones)."""
+
+
 class GraphoptWarning(UserWarning):
     """Base class of every warning graphopt issues."""
 

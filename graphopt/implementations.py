@@ -113,14 +113,17 @@ def single_node_graph(node, params: dict | None = None, op=None):
     return graph
 
 
-def time_graphs(graphs: dict, *, repeats: int = 5, seed: int = 0) -> dict:
+def time_graphs(graphs: dict, *, repeats: int = 5, seed: int = 0, sample_seconds: float = 2e-3) -> dict:
     """Median seconds of one jitted run of each graph (label → Graph) on random inputs of its
     input types (the same inputs for graphs with the same input types). A graph that fails to
     compile maps to the exception it raised.
 
-    Compilation is not timed; one warm-up run is. The runs are interleaved (round-robin), so a
-    change of machine load hits every candidate alike. Uses the lowering (imported here: graphopt/
-    may, as param_prep does; passes/ may not), so what is timed is what the program will run.
+    Compilation is not timed; one warm-up run is. Each of the `repeats` samples times enough
+    back-to-back calls to last about `sample_seconds` (a 20 µs kernel is timed over ~100 calls,
+    so the timer's resolution and the call overhead do not decide between candidates). Samples
+    are interleaved (round-robin), so a change of machine load hits every candidate alike. Uses
+    the lowering (imported here: graphopt/ may, as param_prep does; passes/ may not), so what is
+    timed is what the program will run.
     """
     from graphopt.lowering.emit import lower
 
@@ -135,13 +138,18 @@ def time_graphs(graphs: dict, *, repeats: int = 5, seed: int = 0) -> dict:
         except Exception as err:  # e.g. cuDNN refusing a shape at compile time
             results[label] = err
             continue
-        runs[label] = (compiled, args, [])
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        calls = int(min(1000, max(1, sample_seconds // max(time.perf_counter() - start, 1e-7))))
+        runs[label] = (compiled, args, calls, [])
     for _ in range(max(1, repeats)):
-        for compiled, args, times in runs.values():
+        for compiled, args, calls, times in runs.values():
             start = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - start)
-    results.update({label: statistics.median(times) for label, (_, _, times) in runs.items()})
+            for _ in range(calls):
+                out = compiled(*args)
+            jax.block_until_ready(out)
+            times.append((time.perf_counter() - start) / calls)
+    results.update({label: statistics.median(times) for label, (_, _, _, times) in runs.items()})
     return results
 
 

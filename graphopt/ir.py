@@ -232,6 +232,9 @@ class Graph:
         self.parent: Node | None = None  # the node holding this graph, for a region
         self.param_argnums: tuple[int, ...] = ()  # top-level arguments that hold parameters
         self.prep = None  # ParamPrep: how param inputs are computed from the user's (fold_params)
+        # What passes record about the graph as a whole, JSON-able (the quantization recipe);
+        # copied (shallowly) by clone, so a reverted pass's entries go with its graph.
+        self.metadata: dict[str, Any] = {}
         self._first: Node | None = None
         self._last: Node | None = None
         self._len = 0
@@ -332,6 +335,7 @@ class Graph:
         copy = Graph(self.name)
         copy.in_tree, copy.out_tree = self.in_tree, self.out_tree
         copy.param_argnums, copy.prep = self.param_argnums, self.prep  # prep is never mutated
+        copy.metadata = dict(self.metadata)
         for arg in self.inputs:
             mapping[id(arg)] = copy.add_input(arg.type, arg.role, arg.path)
         for node in self.nodes:

@@ -53,8 +53,8 @@ class CompositeOp(OpDef):
     `param_names` are the op's params; every composite also has `implementation`.
     """
 
-    def __init__(self, name: str, check: Callable, impl: Callable, param_names: Sequence[str]):
-        super().__init__(name, check, impl, region_names=("decomposition",))
+    def __init__(self, name: str, check: Callable, impl: Callable, param_names: Sequence[str], **outputs):
+        super().__init__(name, check, impl, region_names=("decomposition",), **outputs)
         self.param_names = frozenset(param_names) | {"implementation"}
 
     def infer(self, in_types, params, regions):

@@ -35,6 +35,8 @@ class Op(abc.ABC):
 
     name: str = "?"
     kind: str = "?"
+    output_names: tuple = ()          # see OpDef
+    finite_outputs: frozenset = frozenset()
 
     @abc.abstractmethod
     def infer(self, in_types: Sequence[TensorType], params: dict, regions: Sequence) -> list[TensorType] | None:
@@ -200,15 +202,23 @@ class OpDef(Op):
         impl: reference implementation `(*args, regions=[callables], **params) -> list of arrays`,
             written with public JAX; the lowering uses it unless a backend kernel is registered.
         region_names: names of the sub-graphs the op holds, e.g. ("cond", "body") for while.
+        output_names: names of the outputs, for ops with several (fold_params names the
+            parameters it makes after them: `kernel:scale`).
+        finite_outputs: indices of outputs that must hold no NaN or ±Inf for the op's inputs to
+            be valid (a quantization scale: NaN weights cannot be quantized); the parameter prep
+            checks them when it computes them and names the parameter when one is not finite.
     """
 
     kind = "graphopt"
 
-    def __init__(self, name: str, infer: Callable, impl: Callable, region_names: Sequence[str] = ()):
+    def __init__(self, name: str, infer: Callable, impl: Callable, region_names: Sequence[str] = (),
+                 *, output_names: Sequence[str] = (), finite_outputs: Sequence[int] = ()):
         self.name = name
         self._infer = infer
         self.impl = impl
         self.region_names = tuple(region_names)
+        self.output_names = tuple(output_names)
+        self.finite_outputs = frozenset(finite_outputs)
 
     def infer(self, in_types, params, regions):
         return self._infer(list(in_types), params, list(regions))

@@ -27,8 +27,9 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 
-from graphopt.errors import SignatureError
+from graphopt.errors import PrepError, SignatureError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +53,25 @@ class ParamPrep:
         passed = {id(a): a.index for a in self.graph.inputs}
         computed = [v for v in self.graph.outputs if id(v) not in passed]
         results = iter(self._compiled_fn()(*leaves) if computed else ())
-        return {key: leaves[passed[id(v)]] if id(v) in passed else next(results)
-                for key, v in zip(self.keys, self.graph.outputs)}
+        params = {key: leaves[passed[id(v)]] if id(v) in passed else next(results)
+                  for key, v in zip(self.keys, self.graph.outputs)}
+        self._check_finite(params)
+        return params
+
+    def _check_finite(self, params: dict) -> None:
+        """Raise if an output its op requires finite (`OpDef.finite_outputs`: a quantization
+        scale) holds NaN or ±Inf: the parameters it is computed from are not valid for that op."""
+        for key, v in zip(self.keys, self.graph.outputs):
+            if v.node is None or v.index not in v.node.op.finite_outputs:
+                continue
+            values = np.asarray(jax.device_get(params[key]), np.float32)
+            bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+            if bad:
+                sources = ", ".join(a.path for a in self.graph.inputs if _depends_on(v, a))
+                raise PrepError(f"{key}: {bad} of {values.size} values are NaN or ±Inf because parameter "
+                                f"{sources} holds NaN or ±Inf; {v.node.op.name} needs finite values "
+                                f"({v.node.describe()}). Fix those weights, or leave this layer out "
+                                "(a quantization rule with scheme=None).")
 
     def _compiled_fn(self):
         """The prep graph, without its pass-through outputs, jitted once."""
@@ -80,6 +98,18 @@ class ParamPrep:
         first = self.param_argnums[0]
         return tuple(params if i == first else a for i, a in enumerate(args)
                      if i == first or i not in self.param_argnums)
+
+
+def _depends_on(value, arg) -> bool:
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if v is arg:
+            return True
+        if v.node is not None and id(v.node) not in seen:
+            seen.add(id(v.node))
+            stack.extend(v.node.inputs)
+    return False
 
 
 def prepare(graph, *args) -> tuple:

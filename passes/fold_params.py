@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax
 
 from graphopt.ir import Graph
+from graphopt.param_derived import param_derived_values, param_name
 from graphopt.param_prep import ParamPrep
 from graphopt.pipeline import register_pass
 
@@ -34,7 +35,7 @@ def fold_params(graph, ctx, max_growth: float = 1.0):
     """Move parameter-only computations into the parameter prep graph."""
     if not graph.params() or not graph.param_argnums:
         return graph
-    derived, constant = _param_derived(graph)
+    derived, constant = param_derived_values(graph)
     frontier = _frontier(graph, derived, constant, max_growth)
     if not frontier:
         return graph
@@ -45,35 +46,6 @@ def fold_params(graph, ctx, max_growth: float = 1.0):
     _finish(graph, prep, prep_values)
     ctx.count({"folded-node": moved, "new-param": len(frontier)})
     return graph
-
-
-def _param_derived(graph) -> tuple[dict, set]:
-    """id(value) -> (value, source param bytes) for every value computed from params (and
-    constants); and the ids of the values computed from constants only."""
-    derived = {id(a): (a, a.type.nbytes) for a in graph.params()}
-    constant = set()  # ids of values computed from constants only (a scale 1/sqrt(d), say)
-    for node in graph.nodes:
-        if node.op.name == "constant":
-            constant.add(id(node.outputs[0]))
-            continue
-        # Nearly every node reads a non-derived value: stop at the first one (a plain loop; this
-        # runs once per node of the model).
-        source_bytes = None
-        for value in node.inputs:
-            entry = derived.get(id(value))
-            if entry is not None:
-                source_bytes = (source_bytes or 0) + entry[1]
-            elif id(value) not in constant:
-                break
-        else:
-            if node.effects or node.regions or node.op.kind == "opaque" or not node.inputs:
-                continue
-            if source_bytes is None:  # constants only: the prep computes it if a derived value needs it
-                constant.update(id(v) for v in node.outputs)
-                continue
-            for value in node.outputs:
-                derived[id(value)] = (value, source_bytes)
-    return derived, constant
 
 
 # Layout changes XLA performs for free (a bitcast of the buffer): precomputing them gains nothing.
@@ -160,27 +132,10 @@ def _in_prep(value, prep, prep_values):
 def _replace_frontier(graph, frontier, prep_values) -> None:
     taken = {a.path for a in graph.inputs}
     for value in frontier:
-        path = _unique(_param_name(value), taken)
+        path = _unique(param_name(value), taken)
         arg = graph.add_input(value.type, "param", path)
         prep_values[id(arg)] = prep_values[id(value)]
         graph.replace_all_uses(value, arg)
-
-
-def _param_name(value) -> str:
-    """'<source param path>:<op>', naming the largest parameter it is computed from (the one
-    it replaces, e.g. the base weight of a LoRA merge)."""
-    sources, stack, seen = {}, [value], set()
-    while stack:
-        v = stack.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        if v.node is None:
-            sources[v.path] = v.type.nbytes
-        else:
-            stack.extend(v.node.inputs)
-    largest = max(sorted(sources), key=lambda path: sources[path])
-    return f"{largest}:{value.node.op.name}"
 
 
 def _unique(name: str, taken: set) -> str:

@@ -3,12 +3,13 @@
     %y = dot_general %x, %W           →    %q, %s = quantize[int8, per channel] %W      # prep (fold_params)
                                            %y = quantized_dot[scale_after] %x, %q, %s
 
-Any dot_general or convolution whose weight operand is computed from parameters only (a layer)
-is a candidate; layer rules (`graphopt.quant.rules`: path regex, op, size; first match wins)
-pick its scheme or leave it float. `quantize` nodes read only parameters, so `fold_params`, which
-runs after this pass, computes the codes and scales once per set of weights; the graph then takes
-int8 / packed int4 / fp8 weights. Static schemes (int8_static, fp8) first run the graph on the
-`calibration` batches to fix one scale per activation (`graphopt.quant.observe`).
+Layers (`graphopt.quant.layers`: a dot_general, linear or convolution whose weight is computed
+from parameters only) are picked by layer rules (`graphopt.quant.rules`: path regex, op, size;
+first match wins; `graphopt.quant.dry_run` shows the plan); each gets its scheme or stays float.
+`quantize` nodes read only parameters, so `fold_params`, which runs after this pass, computes
+the codes and scales once per set of weights; the graph then takes int8 / packed int4 / fp8
+weights. Static schemes (int8_static, fp8) first run the graph on the `calibration` batches to
+fix one scale per activation (`graphopt.quant.observe`).
 
 Form, by measurement: every quantized layer can run in its reference form (dequantize the weight,
 then the float op) or in a kernel's (`lowering/quant_kernels.py`: scale after the matmul,
@@ -17,18 +18,23 @@ jitted, on the current backend, and keeps the fastest quantized form. With `pref
 (default) a layer whose best quantized form is slower than float by more than `margin` keeps a
 float weight at run time — the dequantized codes, computed once in the prep, so the numerics
 are the quantized model's — and the report says the scheme gives memory, not speed, there (on
-CPU, XLA writes a dequantized weight out in full before a matmul: batch-1 weight-only layers are
-slower than float). `prefer="memory"` always keeps the codes.
+CPU, XLA writes a dequantized weight out in full before a matmul: weight-only layers are rarely
+faster than float). `prefer="memory"` always keeps the codes.
 
 `mode="train"`: the weights (and activations of activation-quantizing schemes) go through
 `fake_quantize` (rounding with a straight-through gradient) and the float op, so `jax.grad` of
 the lowered graph trains the quantized model (quantization-aware fine-tuning).
 
+What the pass decided per layer is recorded as a `Recipe` in `graph.metadata["quantization"]`;
+`recipe=` replays one (same schemes, forms and activation scales; no timing, no calibration), so
+a saved artifact (`graphopt.quant.artifact`) loads into a freshly traced model.
+
 Contract: approximate(0.25), relative to each output's largest magnitude. Quantization error is
 the point of the pass; the bound catches a broken rewrite (a wrong axis gives errors of order 1),
 not accuracy, which the benchmarks measure on data. NaN/±Inf inputs propagate through the
-dequantized weights as through the float ones; dynamic activation scales of a row holding ±Inf
-are Inf, which makes that row NaN (document: activation-quantizing schemes need finite inputs).
+dequantized weights as through the float ones; NaN/±Inf weights are rejected when the prep
+computes the scales (the error names the parameter). Activation-quantizing schemes need finite
+activations: a row holding ±Inf gets an infinite dynamic scale and becomes NaN.
 
 Example (a fake timer in which the quantized form wins):
     >>> import graphopt, jax.numpy as jnp
@@ -39,59 +45,61 @@ Example (a fake timer in which the quantized form wins):
     >>> [(n.op.name, n.params["implementation"]) for n in g.nodes]
     [('quantized_dot', None)]
     >>> [(a.path, str(a.type)) for a in g.params()]
-    [('w:quantize', 'i8[64,32]'), ('w:quantize#2', 'f32[1,32]')]
+    [('w:codes', 'i8[64,32]'), ('w:scale', 'f32[1,32]')]
+    >>> g.metadata["quantization"].layers[0].scheme
+    'int8'
 """
 
 from __future__ import annotations
 
 import numpy as np
+from jax import lax
 
 from graphopt import implementations
-from graphopt.ops import CONSTANT, constant_params
+from graphopt.builder import Builder
 from graphopt.pipeline import approximate, register_pass
+from graphopt.quant.layers import find_layers
 from graphopt.quant.ops import (dequantize_node, fake_quantize_node, quantize_node, quantized_node,
                                 weight_layout, x_contracting)
-from graphopt.quant.rules import Layer, plan
+from graphopt.quant.recipe import FLOAT_WEIGHTS, UNSET, LayerRecipe, Recipe
+from graphopt.quant.rules import Rule, plan
 from graphopt.quant.scheme import Layout, QuantizationError, scheme_named
-
-KINDS = {"dot_general": ("quantized_dot", "dot_general"), "conv_general_dilated": ("quantized_conv", "conv")}
 
 
 @register_pass("quantize", contract=approximate(0.25))
 def quantize(graph, ctx, scheme="int8", *, group=None, symmetric=True, rules=(), calibration=None,
-             prefer="speed", mode="inference", margin=0.05, timer=None, backend=None):
-    """Quantize dot_general / conv layers with parameter weights (see the module docstring)."""
+             smooth=None, prefer="speed", mode="inference", margin=0.05, timer=None, backend=None,
+             recipe=None):
+    """Quantize dot_general / linear / conv layers with parameter weights (see the module docstring)."""
     if prefer not in ("speed", "memory") or mode not in ("inference", "train"):
         raise QuantizationError(f"quantize: prefer must be 'speed' or 'memory' (got {prefer!r}), "
                                 f"mode 'inference' or 'train' (got {mode!r})")
-    layers = _layers(graph)
-    decisions, unused = plan([layer for layer, _, _ in layers], rules, scheme)
-    for index in unused:
-        ctx.note(f"rule {index} ({_rule_text(rules[index])}) matched no layer")
-    chosen = []
-    for (layer, node, side), decision in zip(layers, decisions):
-        if decision.scheme is None:
-            ctx.count({"skipped-by-rule": 1})
-            continue
-        options = {"group": group, "symmetric": symmetric, **decision.options}
-        try:
-            layer_scheme = scheme_named(decision.scheme, **options)
-        except QuantizationError as err:
-            raise QuantizationError(f"{layer.path} ({node.op.name}): {err}") from None
-        chosen.append((layer, node, side, layer_scheme))
-    act_scales = _calibrate(graph, chosen, calibration)
-    timer = timer or (lambda graphs: implementations.time_graphs(graphs))
+    sites = find_layers(graph)
+    if recipe is not None:
+        chosen = _replay_plan(sites, recipe)
+    else:
+        chosen = _plan(ctx, sites, scheme, rules, dict(group=group, symmetric=symmetric))
+    smoothing = _smooth(graph, ctx, chosen, calibration, smooth, recipe)
+    act_scales = ({id(s.node): e.act_scale for s, e in chosen} if recipe is not None
+                  else _calibrate(graph, chosen, calibration))
     backend = backend or _default_backend()
+    timer = timer or implementations.time_graphs
     measured: dict = {}
-    for layer, node, side, layer_scheme in chosen:
+    entries = []
+    for site, entry in chosen:
+        entry = entry.with_act_scale(act_scales.get(id(site.node)))
+        node = _dissolve_linear(graph, site.node)
         if mode == "train":
-            _fake_quantize(graph, node, side, layer_scheme, act_scales.get(id(node)))
-            ctx.count({f"fake-{layer_scheme.name}": 1})
-            continue
-        outcome = _rewrite(graph, node, side, layer, layer_scheme, act_scales.get(id(node)), prefer,
-                           margin, timer, backend, measured)
-        ctx.count({f"{layer_scheme.name}/{outcome}": 1})
+            _fake_quantize(graph, node, site, entry)
+            ctx.count({f"fake-{entry.scheme}": 1})
+        else:
+            entry = _rewrite(graph, node, site, entry, prefer, margin, timer, backend, measured)
+            ctx.count({f"{entry.scheme}/{entry.form or 'reference'}": 1})
+        entries.append(entry)
     _report_forms(ctx, measured, backend)
+    previous = graph.metadata.get("quantization")
+    graph.metadata["quantization"] = Recipe((previous.layers if previous else ()) + tuple(entries), mode,
+                                            (previous.smoothing if previous else ()) + tuple(smoothing))
     return graph
 
 
@@ -101,126 +109,168 @@ def _default_backend() -> str:
     return jax.default_backend()
 
 
-def _layers(graph) -> list[tuple[Layer, object, int]]:
-    """(layer, node, weight operand index) for each top-level dot / conv with one parameter-derived
-    float operand (the weight) and one that is not (the activation)."""
-    sources = _param_sources(graph)
-    found = []
-    for node in graph.nodes:
-        kind = KINDS.get(node.op.name)
-        if kind is None:
+# --- which layers, which scheme ------------------------------------------------------------------
+
+def _plan(ctx, sites, scheme, rules, options) -> list:
+    """(site, LayerRecipe without form) for every site a rule (or the default) quantizes."""
+    rules = [r if isinstance(r, Rule) else Rule(**r) for r in rules]
+    decisions, unused = plan([s.layer for s in sites], rules, scheme)
+    for index in unused:
+        ctx.note(f"rule {index} ({rules[index].describe()}) matched no layer")
+    chosen, occurrences = [], {}
+    for site, decision in zip(sites, decisions):
+        occurrence = occurrences[site.layer.path] = occurrences.get(site.layer.path, -1) + 1
+        if decision.scheme is None:
+            ctx.count({"skipped-by-rule": 1})
             continue
-        derived = [sources.get(id(v)) for v in node.inputs]
-        if (derived[0] is None) == (derived[1] is None):
-            continue
-        side = 0 if derived[0] is not None else 1
-        if kind[1] == "conv" and side == 0:
-            continue  # a conv whose *input* is the parameter: not a layer
-        if not all(np.issubdtype(v.type.dtype, np.floating) for v in node.inputs):
-            continue
-        found.append((Layer(derived[side].path or f"input {derived[side].index}", kind[1],
-                            tuple(node.inputs[side].type.shape)), node, side))
-    return found
+        # The pass's group applies to the layers that get its scheme; a rule's scheme takes the
+        # rule's options (an int8 rule beside an int4 default must not inherit group=32).
+        layer_options = options if decision.rule is None else {"symmetric": options["symmetric"],
+                                                               **decision.options}
+        try:
+            layer_scheme = scheme_named(decision.scheme, **layer_options)
+        except QuantizationError as err:
+            raise QuantizationError(f"{site.layer.path} ({site.node.describe()}): {err}") from None
+        chosen.append((site, LayerRecipe.of(site.layer, occurrence, layer_scheme)))
+    return chosen
 
 
-def _param_sources(graph) -> dict:
-    """id(value) → the (largest) parameter it is computed from, for values computed from
-    parameters and constants only (outside regions, without effects)."""
-    sources = {id(a): a for a in graph.params()}
-    constant = set()
-    for node in graph.nodes:
-        if node.op.name == "constant":
-            constant.add(id(node.outputs[0]))
-            continue
-        if node.effects or node.regions or not node.inputs:
-            continue
-        params = [sources.get(id(v)) for v in node.inputs]
-        if any(p is None and id(v) not in constant for p, v in zip(params, node.inputs)):
-            continue
-        params = [p for p in params if p is not None]
-        if not params:
-            constant.update(id(v) for v in node.outputs)
-            continue
-        largest = max(params, key=lambda a: a.type.nbytes)
-        for value in node.outputs:
-            sources[id(value)] = largest
-    return sources
+def _replay_plan(sites, recipe) -> list:
+    """The sites a saved recipe quantized, with its entries; an error if the graph lacks one."""
+    by_key, occurrences = {}, {}
+    for site in sites:
+        occurrence = occurrences[site.layer.path] = occurrences.get(site.layer.path, -1) + 1
+        by_key[(site.layer.path, occurrence)] = site
+    chosen = []
+    for entry in recipe.layers:
+        site = by_key.get((entry.path, entry.occurrence))
+        if site is None or tuple(site.layer.shape) != tuple(entry.shape) or site.layer.op != entry.op:
+            found = f"found {site.layer}" if site is not None else "no such layer in this graph"
+            raise QuantizationError(f"quantize(recipe=...): the recipe quantizes {entry.op} layer {entry.path} "
+                                    f"(#{entry.occurrence}, weight {tuple(entry.shape)}), {found}; trace the "
+                                    "model the recipe was made for, with the same pipeline before quantize")
+        chosen.append((site, entry))
+    return chosen
 
 
-def _rule_text(rule) -> str:
-    return rule.describe() if hasattr(rule, "describe") else repr(rule)
+def _smooth(graph, ctx, chosen, calibration, alpha, recipe) -> tuple:
+    """SmoothQuant before the layers that quantize their activations (`graphopt.quant.smooth`);
+    replayed from the recipe's statistics when it has some. The records for the new recipe."""
+    replay = recipe.smoothing if recipe is not None else ()
+    if alpha is None and not replay:
+        return ()
+    from graphopt.quant.smooth import smooth
+
+    layers = [(s.node, s.side) for s, e in chosen if e.scheme_object.activation_mode is not None]
+    if not layers:
+        ctx.note("smooth: no layer quantizes its activations; nothing to smooth")
+        return ()
+    records = []
+    if replay:
+        alphas = {r["alpha"] for r in replay}
+        notes = smooth(graph, layers, None, alphas.pop(), record=records,
+                       activation_max=[r["activation_max"] for r in replay])
+    else:
+        notes = smooth(graph, layers, calibration, alpha, record=records)
+    for text in notes:
+        ctx.note(text)
+    return tuple(records)
 
 
 def _calibrate(graph, chosen, calibration) -> dict:
     """id(node) → calibrated activation scale (float) for the static-scheme layers."""
-    static = [(layer, node, side, s) for layer, node, side, s in chosen if s.activation_mode == "static"]
+    static = [(site, e) for site, e in chosen if e.scheme_object.activation_mode == "static"]
     if not static:
         return {}
     if calibration is None:
-        names = ", ".join(layer.path for layer, *_ in static[:3])
+        names = ", ".join(site.layer.path for site, _ in static[:3])
         raise QuantizationError(f"quantize: static activation scales need calibration data for {names}"
                                 f"{'...' if len(static) > 3 else ''}; pass calibration=Calibration(batches) "
                                 "or use a dynamic / weight-only scheme")
     from graphopt.quant.observe import observe
 
-    values = [node.inputs[1 - side] for _, node, side, _ in static]
-    names = [f"{layer.path} ({node.op.name} input)" for layer, node, _, _ in static]
-    observers = observe(graph, values, calibration, names)
+    values = [site.node.inputs[1 - site.side] for site, _ in static]
+    names = [f"{site.layer.path} ({site.node.op.name} input)" for site, _ in static]
     scales = {}
-    for (layer, node, side, s), observer in zip(static, observers):
-        fmt = s.activations
-        levels = None if fmt.is_float else int(fmt.qmax - fmt.qmin)
-        lo, hi = observer.range(levels, True)
+    for (site, entry), observer in zip(static, observe(graph, values, calibration, names)):
+        fmt = entry.scheme_object.activations
+        lo, hi = observer.range(None if fmt.is_float else int(fmt.qmax - fmt.qmin), True)
         amax = max(abs(lo), abs(hi))
-        scales[id(node)] = amax / fmt.symmetric_max() if amax > 0 else 1.0
+        scales[id(site.node)] = float(np.float32(amax / fmt.symmetric_max())) if amax > 0 else 1.0
     return scales
+
+
+# --- rewriting -----------------------------------------------------------------------------------
+
+def _builder(graph, node) -> Builder:
+    return Builder(graph, before=node, made_by="quantize")
+
+
+def _dissolve_linear(graph, node):
+    """A `linear` composite (raise_ops) as its dot_general (+ bias add); the dot_general node."""
+    if node.op.name != "linear":
+        return node
+    x, w, *bias = node.inputs
+    p = node.params
+    b = _builder(graph, node)
+    y = b.jax(lambda x, w: lax.dot_general(x, w, p["dimension_numbers"], precision=p["precision"],
+                                           preferred_element_type=p["preferred_element_type"]), x, w)
+    dot = y.node
+    if bias:
+        y = b.jax(lambda y, bias: y + bias, y, bias[0])
+    graph.replace_all_uses(node.output, y)
+    graph.erase(node)
+    return dot
 
 
 def _act_scale_value(graph, node, scale: float | None):
     if scale is None:
         return None
     dtype = np.promote_types(node.inputs[0].type.dtype, np.float32)
-    return graph.add_node(CONSTANT, [], constant_params(np.asarray(scale, dtype)), before=node).outputs[0]
+    return _builder(graph, node).const(np.asarray(scale, dtype))
 
 
-def _rewrite(graph, node, side, layer, scheme, act_scale, prefer, margin, timer, backend, measured) -> str:
-    kind = KINDS[node.op.name][0]
+def _rewrite(graph, node, site, entry, prefer, margin, timer, backend, measured):
+    """Replace `node` by its quantized form (the entry's, when it comes from a recipe; else the
+    fastest by measurement); the entry with the form taken."""
+    scheme, side, kind = entry.scheme_object, site.side, site.kind
     weight = node.inputs[side]
     op_params = dict(node.params)
     try:
-        codes = quantize_node(graph_at(graph, node), weight, scheme, weight_side=side,
+        codes = quantize_node(_builder(graph, node), weight, scheme, weight_side=side,
                               dimension_numbers=op_params["dimension_numbers"], conv=kind == "quantized_conv")
     except QuantizationError as err:
-        raise QuantizationError(f"{layer.path} ({node.op.name}, weight {weight.type}): {err}") from None
-    act = _act_scale_value(graph, node, act_scale)
-    qvalue = quantized_node(graph_at(graph, node), kind, node.inputs[1 - side], codes, scheme,
+        raise QuantizationError(f"{site.layer.path} ({node.describe()}, weight {weight.type}): {err}") from None
+    act = _act_scale_value(graph, node, entry.act_scale)
+    qvalue = quantized_node(_builder(graph, node), kind, node.inputs[1 - side], codes, scheme,
                             weight=weight.type, weight_side=side, op_params=op_params, act_scale=act)
-    form, times = _choose_form(node, qvalue.node, backend, timer, measured)
-    if prefer == "speed" and times[form] > times["float"] * (1 + margin):
+    form = entry.form
+    if form == UNSET:
+        form = _choose_form(node, qvalue.node, site, entry, prefer, margin, backend, timer, measured)
+    elif form != FLOAT_WEIGHTS and implementations.find(kind, form, backend) is None:
+        form = None  # the recipe's kernel does not exist on this backend: same values, reference form
+    if form == FLOAT_WEIGHTS:
         # Slower than float on this backend: keep a float weight at run time (the dequantized
         # codes, computed once in the prep); the codes still define the numerics.
         graph.erase(qvalue.node)
         if act is not None:
             graph.erase(act.node)
         layout = weight_layout(scheme, kind, weight.type, side, op_params)
-        node.set_input(side, dequantize_node(graph_at(graph, node), codes, scheme, layout, weight.type))
+        node.set_input(side, dequantize_node(_builder(graph, node), codes, scheme, layout, weight.type))
         if scheme.activation_mode is not None:  # the activations are still quantized: fake-quantize them
-            _fake_activation(graph, node, side, scheme, act_scale)
-        return "float-weights"
+            _fake_activation(graph, node, side, entry)
+        return entry.with_form(FLOAT_WEIGHTS)
     qvalue.node.params = {**qvalue.node.params, "implementation": form}
     graph.replace_all_uses(node.outputs[0], qvalue)
     graph.erase(node)
-    return form or "reference"
+    return entry.with_form(form)
 
 
-def graph_at(graph, node):
-    from graphopt.builder import Builder
-
-    return Builder(graph, before=node, made_by="quantize")
-
-
-def _choose_form(float_node, qnode, backend, timer, measured):
-    """(fastest quantized form, {form or "float": seconds}), measured once per layer signature."""
+def _choose_form(float_node, qnode, site, entry, prefer, margin, backend, timer, measured):
+    """The form `qnode` runs in: the fastest quantized one, or FLOAT_WEIGHTS when that is faster
+    by `margin` and `prefer` is "speed". Each distinct layer signature is measured once: the float
+    layer, every supported quantized form, and FLOAT_WEIGHTS (the float op on the dequantized
+    weight, after the activation's rounding for activation-quantizing schemes)."""
     key = (tuple(float_node.input_types), repr(sorted(qnode.params.items())))
     if key not in measured:
         forms = [None] + [k.implementation for k in implementations.available(qnode.op.name, backend)
@@ -228,43 +278,55 @@ def _choose_form(float_node, qnode, backend, timer, measured):
         graphs = {"float": implementations.single_node_graph(float_node)}
         for form in forms:
             graphs[form] = implementations.single_node_graph(qnode, {**qnode.params, "implementation": form})
+        if entry.scheme_object.activation_mode is not None:
+            graphs[FLOAT_WEIGHTS] = graph = implementations.single_node_graph(float_node)
+            _fake_activation(graph, next(graph.nodes), site.side, entry)
         times = timer(graphs)
         failed = {k: v for k, v in times.items() if not isinstance(v, (int, float))}
         times = {k: v for k, v in times.items() if k not in failed}
         if None not in times or "float" not in times:
-            raise QuantizationError(f"{qnode.op.name}: the reference form failed to compile: "
-                                    f"{failed.get(None) or failed.get('float')}")
-        measured[key] = (min((f for f in times if f != "float"), key=times.get), times, qnode)
-    form, times, _ = measured[key]
-    return form, times
+            raise QuantizationError(f"{site.layer.path} ({float_node.describe()}): {entry.scheme} cannot run on "
+                                    f"{backend}: {failed.get(None) or failed.get('float')}; leave this layer "
+                                    "float with a rule (scheme=None) or pick another scheme")
+        times.setdefault(FLOAT_WEIGHTS, times["float"])
+        best = min((f for f in times if f not in ("float", FLOAT_WEIGHTS)), key=times.get)
+        if prefer == "speed" and times[FLOAT_WEIGHTS] * (1 + margin) < times[best]:
+            best = FLOAT_WEIGHTS
+        measured[key] = (best, times, qnode)
+    return measured[key][0]
 
 
 def _report_forms(ctx, measured, backend) -> None:
     for form, times, qnode in measured.values():
-        quantized = times[form]
         shape = "×".join(map(str, qnode.input_types[0].shape))
         others = ", ".join(f"{k or 'reference'} {v * 1e6:.0f} µs" for k, v in times.items())
-        verdict = ("faster than float" if quantized < times["float"]
-                   else "memory, not speed (slower than float)")
-        ctx.note(f"{qnode.op.name} x {shape} on {backend}: best {form or 'reference'}, {verdict}; {others}")
+        if form == FLOAT_WEIGHTS:
+            verdict = "memory, not speed: runs on the dequantized weight (no quantized form is faster)"
+        elif times[form] < times["float"]:
+            verdict = "faster than float"
+        else:
+            verdict = f"memory, not speed: {times[form] / times['float']:.2f}× the float layer's time"
+        ctx.note(f"{qnode.op.name} x {shape} on {backend}: {form or 'reference'}, {verdict}; {others}")
 
 
-def _fake_quantize(graph, node, side, scheme, act_scale) -> None:
-    kind = KINDS[node.op.name][0]
+# --- training ------------------------------------------------------------------------------------
+
+def _fake_quantize(graph, node, site, entry) -> None:
+    scheme, side = entry.scheme_object, site.side
     weight = node.inputs[side]
-    layout = weight_layout(scheme, kind, weight.type, side, dict(node.params))
-    fq = fake_quantize_node(graph_at(graph, node), weight, scheme.weights.name, layout, symmetric=scheme.symmetric)
+    layout = weight_layout(scheme, site.kind, weight.type, side, dict(node.params))
+    fq = fake_quantize_node(_builder(graph, node), weight, scheme.weights.name, layout, symmetric=scheme.symmetric)
     node.set_input(side, fq)
     if scheme.activation_mode is not None:
-        _fake_activation(graph, node, side, scheme, act_scale)
+        _fake_activation(graph, node, side, entry)
 
 
-def _fake_activation(graph, node, side, scheme, act_scale) -> None:
-    kind = KINDS[node.op.name][0]
+def _fake_activation(graph, node, side, entry) -> None:
+    kind = "quantized_conv" if node.op.name == "conv_general_dilated" else "quantized_dot"
     x = node.inputs[1 - side]
-    params = {**dict(node.params)}
-    probe = {"op_params": tuple(params.items()), "weight_side": side}
-    layout = Layout(tuple(range(x.type.ndim))) if act_scale is not None else Layout(x_contracting(probe, kind))
-    scale = _act_scale_value(graph, node, act_scale)
-    node.set_input(1 - side, fake_quantize_node(graph_at(graph, node), x, scheme.activations.name, layout,
-                                                    scale=scale))
+    probe = {"op_params": tuple(dict(node.params).items()), "weight_side": side}
+    static = entry.act_scale is not None
+    layout = Layout(tuple(range(x.type.ndim))) if static else Layout(x_contracting(probe, kind))
+    scale = _act_scale_value(graph, node, entry.act_scale)
+    node.set_input(1 - side, fake_quantize_node(_builder(graph, node), x, entry.scheme_object.activations.name,
+                                                layout, scale=scale))

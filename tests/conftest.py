@@ -21,5 +21,19 @@ settings.register_profile("deep", max_examples=2000, print_blob=True, **_COMMON)
 settings.register_profile("dev", max_examples=10, **_COMMON)
 settings.load_profile(os.environ.get("GRAPHOPT_HYPOTHESIS_PROFILE", "ci"))
 
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests run only when the marker expression names them (`pytest -m slow`): CI's plain
+    `pytest -n 2` skips them."""
+    import pytest
+
+    if "slow" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: select with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 # ---------------------------------------------------------------------------
 # Fixtures shared across test modules go below this line.

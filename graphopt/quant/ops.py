@@ -94,7 +94,8 @@ def _quantize_impl(w, *, regions, format, reduce_axes, group_axis, group, symmet
     return [codes, scale] + ([] if zero is None else [zero])
 
 
-QUANTIZE = register(CompositeOp("quantize", _quantize_check, _quantize_impl, LAYOUT_PARAMS))
+QUANTIZE = register(CompositeOp("quantize", _quantize_check, _quantize_impl, LAYOUT_PARAMS,
+                                output_names=("codes", "scale", "zero_point"), finite_outputs=(1,)))
 
 
 # --- quantized_dot / quantized_conv --------------------------------------------------------------
@@ -251,24 +252,48 @@ FAKE_QUANTIZE = register(CompositeOp("fake_quantize", _fake_check, _fake_impl, L
 # --- building nodes ------------------------------------------------------------------------------
 
 def weight_layout(scheme: Scheme, kind: str, weight: TensorType, weight_side: int, op_params) -> Layout:
-    """Scales per output channel (shared over the weight's contracting / input-feature axes), or
-    per group along the last such axis for grouped schemes. QuantizationError if it cannot be."""
+    """Scales per output channel (shared over the weight's contracting / input-feature axes), or,
+    for grouped schemes, per run of `group` consecutive elements of the contraction (see
+    `_grouped`). QuantizationError if it cannot be."""
     if kind == "quantized_dot":
         (lc, rc), _ = op_params["dimension_numbers"]
-        reduce = tuple(sorted(rc if weight_side == 1 else lc))
+        contracting = tuple(rc if weight_side == 1 else lc)
     else:
         rhs_spec = op_params["dimension_numbers"].rhs_spec
         reduce = tuple(sorted(a for a in range(weight.ndim) if a != rhs_spec[0]))
-        if scheme.group is not None:
-            reduce_group = rhs_spec[1]
-            layout = Layout(reduce, reduce_group, scheme.group)
+        if scheme.group is not None:  # groups of input channels, each with its whole window
+            layout = Layout(reduce, rhs_spec[1], scheme.group)
             layout.check(weight.shape, "conv kernel")
             return layout
-    if not reduce:
+        return Layout(reduce)
+    if not contracting:
         raise QuantizationError(f"weight {weight} has no contracting axis to share scales over")
-    layout = Layout(reduce) if scheme.group is None else Layout(reduce, reduce[-1], scheme.group)
+    layout = Layout(tuple(sorted(contracting))) if scheme.group is None else \
+        _grouped(contracting, weight.shape, scheme.group)
     layout.check(weight.shape, "weight")
     return layout
+
+
+def _grouped(contracting, shape, group: int) -> Layout:
+    """Groups of `group` consecutive elements of a contraction over several axes (an attention
+    output projection [heads, head_dim, out] contracts over heads × head_dim): the trailing
+    contracting axes that `group` spans are reduced whole, the axis where the group ends is split,
+    and the contracting axes before it keep one scale per index."""
+    inner = 1
+    for position in range(len(contracting) - 1, -1, -1):
+        axis = contracting[position]
+        size = shape[axis]
+        if group % (inner * size) == 0 and position > 0:
+            inner *= size
+            continue
+        if group % inner == 0 and size % (group // inner) == 0:
+            part = group // inner
+            reduce = tuple(sorted(contracting[position:]))
+            return Layout(reduce) if part == size and position == 0 else Layout(reduce, axis, part)
+        break
+    dims = " × ".join(str(shape[a]) for a in contracting)
+    raise QuantizationError(f"weight {tuple(shape)}: a contraction of {dims} does not split into groups of "
+                            f"{group}; choose a group size that divides it (or per-channel scales)")
 
 
 def _layout_params(scheme: Scheme, layout: Layout) -> dict:
