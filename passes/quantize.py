@@ -62,7 +62,7 @@ from graphopt.quant.layers import find_layers
 from graphopt.quant.ops import (dequantize_node, fake_quantize_node, quantize_node, quantized_node,
                                 weight_layout, x_contracting)
 from graphopt.quant.recipe import FLOAT_WEIGHTS, UNSET, LayerRecipe, Recipe
-from graphopt.quant.rules import Rule, plan
+from graphopt.quant.rules import as_rule, plan
 from graphopt.quant.scheme import Layout, QuantizationError, scheme_named
 
 
@@ -113,7 +113,7 @@ def _default_backend() -> str:
 
 def _plan(ctx, sites, scheme, rules, options) -> list:
     """(site, LayerRecipe without form) for every site a rule (or the default) quantizes."""
-    rules = [r if isinstance(r, Rule) else Rule(**r) for r in rules]
+    rules = [as_rule(r) for r in rules]
     decisions, unused = plan([s.layer for s in sites], rules, scheme)
     for index in unused:
         ctx.note(f"rule {index} ({rules[index].describe()}) matched no layer")

@@ -14,12 +14,21 @@ that zero stays exactly representable. `levels` is the number of steps of a unif
 `percentile` and `mse` keep a signed histogram over [-R, R] (`bins` per side). When a batch exceeds
 R, R doubles as many times as needed and the old counts merge exactly (2**k old bins per new bin),
 so a histogram percentile is within one bin width (`bin_width`) of the exact percentile of all the
-data seen, however the data was split into batches.
+data seen, however the data was split into batches (plus the float32 rounding of a value's bin
+index, 2**-23 R, for float32 data).
 
-`mse` models the error of clipping at c as rounding noise inside the range plus the clipping error
-outside it, with the values spread evenly inside each histogram bin; exact zeros cost nothing (zero
-is on every grid). For `levels=None` it models fp8 (`float_format="e4m3"`: max 448, 3 mantissa
-bits; or "e5m2"): each value's error is a quarter-ulp² / 3 at its magnitude.
+`mse` models the error of clipping at c as the rounding error inside the range plus the clipping
+error outside it, with the values spread evenly inside each histogram bin; exact zeros cost nothing
+(zero is on every grid). Candidate clips are bin edges: a noise model (step² / 12 per value)
+shortlists them in O(bins), and the shortlist, an even grid of edges (the noise model misjudges
+steps as wide as most of the data, as int4's are) and then the edges near the best are ranked by
+the exact expected error. For `levels=None` it models fp8 (`float_format="e4m3"`: max 448, 3 mantissa
+bits; or "e5m2"): each bin's values round on the fp8 grid of its binade (spacing one ulp there).
+
+Limits of the model: it knows each value only to within its bin. A large share of equal nonzero
+values (a point mass: say half the data at exactly -0.5) is modelled as spread over its bin, and
+its true error depends on where the grid falls next to it: there the chosen clip can be several
+percent worse than the best one, and slightly worse than absmax.
 
 All-zero data gives the range (0.0, 0.0); callers map a zero range to scale 1.
 
@@ -65,6 +74,8 @@ class Observer(Protocol):
 class AbsMax:
     """The running min and max: the range that clips nothing."""
 
+    method = "absmax"
+
     def __init__(self, *, name: str | None = None):
         self.name = name
         self.min = self.max = None
@@ -79,7 +90,7 @@ class AbsMax:
         values = _as_float_array(x)
         if values.size == 0:
             return
-        lo, hi = _finite_min_max(values, self.name)
+        lo, hi = _finite_min_max(values, _who(self))
         self.min = lo if self.min is None else min(self.min, lo)
         self.max = hi if self.max is None else max(self.max, hi)
         self.count += values.size
@@ -98,12 +109,14 @@ class AbsMax:
 class Percentile(AbsMax):
     """The q-th percentile of |x| (symmetric), or the (100-q)-th and q-th percentiles of x."""
 
+    method = "percentile"
+
     def __init__(self, q: float = 99.99, *, bins: int = 2048, name: str | None = None):
         super().__init__(name=name)
         if not isinstance(q, (int, float)) or not 0 < q <= 100:
-            raise CalibrationError(f"{_who(name)}percentile must be in (0, 100], got {q!r}")
+            raise CalibrationError(f"{_who(self)}percentile must be in (0, 100], got {q!r}")
         self.q = float(q)
-        self.histogram = _Histogram(bins, name)
+        self.histogram = _Histogram(bins, _who(self))
 
     @property
     def bin_width(self) -> float:
@@ -137,10 +150,12 @@ class Percentile(AbsMax):
 class MSE(Percentile):
     """The clip minimizing expected squared error: rounding noise inside, clipping error outside."""
 
+    method = "mse"
+
     def __init__(self, *, bins: int = 2048, float_format: str = "e4m3", name: str | None = None):
         super().__init__(100.0, bins=bins, name=name)
         if float_format not in FLOAT_FORMATS:
-            raise CalibrationError(f"{_who(name)}float_format must be one of {', '.join(FLOAT_FORMATS)}, "
+            raise CalibrationError(f"{_who(self)}float_format must be one of {', '.join(FLOAT_FORMATS)}, "
                                    f"got {float_format!r}")
         self.float_format = float_format
         self.zeros = 0
@@ -159,7 +174,7 @@ class MSE(Percentile):
             return 0.0, 0.0
         if levels is None:
             if not symmetric:
-                raise CalibrationError(f"{_who(self.name)}floating formats (levels=None) are symmetric; "
+                raise CalibrationError(f"{_who(self)}floating formats (levels=None) are symmetric; "
                                        "ask for range(None, symmetric=True)")
             c = _best_float_clip(self.histogram, self.zeros, self.absmax, FLOAT_FORMATS[self.float_format])
             return -c, c
@@ -200,8 +215,10 @@ def make_observer(method: str, **options) -> Observer:
 
 # --- input checks ---------------------------------------------------------------------------------
 
-def _who(name) -> str:
-    return f"{name}: " if name else ""
+def _who(observer) -> str:
+    """The prefix naming an observer in its errors: "fc1 input (percentile observer): "."""
+    kind = f"{observer.method} observer"
+    return f"{observer.name} ({kind}): " if observer.name else f"{kind}: "
 
 
 def _as_float_array(x) -> np.ndarray:
@@ -211,19 +228,19 @@ def _as_float_array(x) -> np.ndarray:
     return values.reshape(-1)
 
 
-def _finite_min_max(values: np.ndarray, name) -> tuple[float, float]:
+def _finite_min_max(values: np.ndarray, who: str) -> tuple[float, float]:
     lo, hi = float(values.min()), float(values.max())  # NaN propagates, so both finite ⇒ all finite
     if not (math.isfinite(lo) and math.isfinite(hi)):
         nan = int(np.count_nonzero(np.isnan(values)))
-        inf = int(np.count_nonzero(np.isinf(values)))
-        raise CalibrationError(f"{_who(name)}calibration batch has {nan + inf} non-finite values of {values.size} "
-                               f"({nan} NaN, {inf} ±Inf); calibration data must be finite")
+        pos, neg = int(np.count_nonzero(np.isposinf(values))), int(np.count_nonzero(np.isneginf(values)))
+        raise CalibrationError(f"{who}calibration batch has {nan + pos + neg} non-finite values of {values.size} "
+                               f"({nan} NaN, {pos} +Inf, {neg} -Inf); calibration data must be finite")
     return lo, hi
 
 
 def _require_data(observer) -> None:
     if observer.min is None:
-        raise CalibrationError(f"{_who(observer.name) or 'observer: '}saw no calibration data; "
+        raise CalibrationError(f"{_who(observer)}saw no calibration data; "
                                "call update() with at least one non-empty batch before range()")
 
 
@@ -238,10 +255,10 @@ def _check_levels(levels) -> None:
 class _Histogram:
     """Counts of x over [-limit, limit] in 2 * bins equal bins; bin j holds floor(x / width) == j - bins."""
 
-    def __init__(self, bins: int, name):
-        if not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 1 << 20:
-            raise CalibrationError(f"{_who(name)}bins must be an integer in [1, 2**20], got {bins!r}")
-        self.bins, self.name = int(bins), name
+    def __init__(self, bins: int, who: str):
+        if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 1 << 20:
+            raise CalibrationError(f"{who}bins must be an integer in [1, 2**20], got {bins!r}")
+        self.bins, self.who = int(bins), who
         self.limit = 0.0  # 0 until a nonzero value arrives; zeros land in bin `bins` at any width
         self.counts = np.zeros(2 * self.bins, np.int64)
 
@@ -269,7 +286,7 @@ class _Histogram:
         if self.limit == 0:
             self.limit = absmax  # only zeros so far: they stay in bin `bins`
             return
-        k = max(1, math.ceil(math.log2(absmax / self.limit)))
+        k = max(1, math.ceil(math.log2(absmax) - math.log2(self.limit)))  # the ratio may overflow
         try:
             while math.ldexp(self.limit, k - 1) >= absmax:  # log2 rounding
                 k -= 1
@@ -279,7 +296,7 @@ class _Histogram:
         except OverflowError:
             limit = math.inf
         if not math.isfinite(limit):
-            raise CalibrationError(f"{_who(self.name)}calibration values up to {absmax:g} are too large to "
+            raise CalibrationError(f"{self.who}calibration values up to {absmax:g} are too large to "
                                    "histogram; use method='absmax'")
         # floor(x / (2**k w)) == floor(floor(x / w) / 2**k): old bins merge exactly into new ones
         old = np.arange(2 * self.bins) - self.bins
@@ -347,29 +364,58 @@ def _beyond(counts: np.ndarray, w: float, k: np.ndarray) -> tuple[np.ndarray, np
     return s0, s2 - 2 * clip * s1 + clip ** 2 * s0 + s0 * w * w / 12
 
 
+def _argmin(error, candidates: np.ndarray):
+    """The candidate (a clip, or a (low, high) row) of least `error`, ranked in chunks so the
+    (candidates x bins) tables stay small; ties go to the first in sorted order."""
+    candidates = np.unique(candidates, axis=0)
+    errors = np.concatenate([error(candidates[n:n + 256]) for n in range(0, len(candidates), 256)])
+    return candidates[np.argmin(errors)]
+
+
 def _best_symmetric_clip(h: _Histogram, zeros: int, absmax: float, levels: int) -> float:
     qmax = levels // 2
     counts = _spread_counts(h.magnitudes(), 0, zeros)
     w = h.width
-    lo_edges = np.arange(h.bins) * w
+    edges, mass = np.arange(h.bins)[counts > 0] * w, counts[counts > 0]  # empty bins cost nothing
+
+    def error(clips):  # the exact integral, for each clip
+        c = clips[:, None]
+        return _uniform_error(edges, edges + w, mass, -c, c, c / qmax)
+
     # Shortlist with the noise model (step² / 12 per value inside, clipping error outside) over
-    # every bin edge up to absmax, in O(bins); then rank the shortlist with the exact integral.
+    # every bin edge up to absmax, in O(bins). The model misjudges steps as wide as much of the
+    # data (at int4's 7 steps most values round to 0, at error x², not step² / 12) and may put
+    # its minimum far from the true one: so rank its best 64 and an even grid of 128 edges with
+    # the exact integral, then every edge within a grid step of the best.
     k = np.arange(1, min(h.bins, math.ceil(absmax / w)) + 1)
     outside, clipping = _beyond(counts, w, k)
     model = (counts.sum() - outside) * (k * w / qmax) ** 2 / 12 + clipping
-    shortlist = np.minimum(k[np.argsort(model)[:64]] * w, absmax)
-    clips = np.unique(np.append(shortlist, absmax))[:, None]
-    errors = _uniform_error(lo_edges, lo_edges + w, counts, -clips, clips, clips / qmax)
-    return float(clips[np.argmin(errors), 0])
+    stride = max(1, len(k) // 128)
+    first = np.union1d(k[np.argsort(model)[:64]], k[::stride])
+    clip = _argmin(error, np.append(np.minimum(first * w, absmax), absmax))
+    near = np.arange(max(1, math.floor(clip / w) - stride), math.floor(clip / w) + stride + 2)
+    return float(_argmin(error, np.append(np.minimum(near * w, absmax), clip)))
 
 
 def _best_asymmetric_clip(h: _Histogram, zeros: int, lo: float, hi: float, levels: int) -> tuple[float, float]:
     counts = _spread_counts(h.counts, h.bins, zeros)
     w = h.width
-    lo_edges = (np.arange(2 * h.bins) - h.bins) * w
+    edges, mass = (np.arange(2 * h.bins) - h.bins)[counts > 0] * w, counts[counts > 0]
     lo, hi = min(lo, 0.0), max(hi, 0.0)
+
+    def error(pairs):  # the exact integral, for each (low, high) row
+        step = ((pairs[:, 1] - pairs[:, 0]) / levels)[:, None]
+        zero_point = np.round(-pairs[:, :1] / step)  # 0 on the grid: the real range shifts to match
+        return _uniform_error(edges, edges + w, mass, -zero_point * step, (levels - zero_point) * step, step)
+
+    def ends(i, j):  # rows (low, high) for ends at bin edges -i w and j w, within [lo, hi]
+        i, j = np.broadcast_arrays(i, j)
+        return np.stack([np.maximum(-i.ravel() * w, lo), np.minimum(j.ravel() * w, hi)], axis=1)
+
     # Candidate ends at bin edges, low = -i w and high = j w, scored by the noise model on the
-    # whole (i, j) table; the best 64 (and the min-max range) are ranked with the exact integral.
+    # whole (i, j) table; its best 64, an even 16 x 16 grid of the table and the min-max range
+    # are ranked with the exact integral (see _best_symmetric_clip), then each end in turn over
+    # the edges within a grid step of it.
     i = np.arange(min(h.bins, math.ceil(-lo / w)) + 1)
     j = np.arange(min(h.bins, math.ceil(hi / w)) + 1)
     low_out, low_err = _beyond(counts[:h.bins][::-1], w, i)
@@ -379,33 +425,43 @@ def _best_asymmetric_clip(h: _Histogram, zeros: int, lo: float, hi: float, level
     model = inside * step ** 2 / 12 + low_err[:, None] + high_err[None, :]
     model[0, 0] = np.inf
     best = np.argpartition(model, min(63, model.size - 1), axis=None)[:64]
-    pairs = np.stack([np.maximum(-i[best // len(j)] * w, lo), np.minimum(j[best % len(j)] * w, hi)], axis=1)
-    pairs = np.unique(np.vstack([pairs, [[lo, hi]]]), axis=0)
-    pairs = pairs[pairs[:, 1] > pairs[:, 0]]
-    step = ((pairs[:, 1] - pairs[:, 0]) / levels)[:, None]
-    zero_point = np.round(-pairs[:, :1] / step)  # 0 on the grid: the real range shifts to match
-    errors = _uniform_error(lo_edges, lo_edges + w, counts, -zero_point * step,
-                            (levels - zero_point) * step, step)
-    low, high = pairs[np.argmin(errors)]
+    si, sj = max(1, len(i) // 16), max(1, len(j) // 16)
+    candidates = np.vstack([ends(i[best // len(j)], j[best % len(j)]),
+                            ends(i[::si, None], j[None, ::sj]), [[lo, hi]]])
+    low, high = _valid_argmin(error, candidates)
+    n = round(-low / w)
+    lows = np.append(np.maximum(-np.arange(max(0, n - si), n + si + 2) * w, lo), low)
+    low, high = _valid_argmin(error, np.column_stack([lows, np.full_like(lows, high)]))
+    n = round(high / w)
+    highs = np.append(np.minimum(np.arange(max(0, n - sj), n + sj + 2) * w, hi), high)
+    low, high = _valid_argmin(error, np.column_stack([np.full_like(highs, low), highs]))
     return float(low), float(high)
+
+
+def _valid_argmin(error, pairs):
+    """_argmin over the (low, high) rows that are a range (high > low)."""
+    return _argmin(error, pairs[pairs[:, 1] > pairs[:, 0]])
 
 
 def _best_float_clip(h: _Histogram, zeros: int, absmax: float, fmt) -> float:
     fmax, mantissa, min_exponent = fmt
     counts = _spread_counts(h.magnitudes(), 0, zeros)
     w = h.width
-    lo_edges = np.arange(h.bins) * w
-    centers = lo_edges + w / 2
     top = min(h.bins, math.ceil(absmax / w))
+    lo_edges, counts = np.arange(h.bins)[counts > 0] * w, counts[counts > 0]  # empty bins cost nothing
+    centers = lo_edges + w / 2
     clips = np.unique(np.append(np.minimum(np.arange(1, top + 1, max(1, top // 512)) * w, absmax), absmax))
     c = clips[:, None]
     scale = c / fmax
     # The spacing of fp numbers around each bin's center, once mapped by scale (subnormals flat).
     exponent = np.maximum(np.floor(np.log2(np.maximum(centers[None, :] / scale, 1e-300))), min_exponent)
     ulp = scale * np.exp2(exponent - mantissa)
-    inside_fraction = np.clip((c - lo_edges[None, :]) / w, 0, 1)
-    rounding = inside_fraction * ulp ** 2 / 12
+    # The exact rounding error on that grid (multiples of ulp), as for the integer formats: the
+    # noise model (ulp² / 12 per value) misjudges the few largest values, whose ulp is many bins
+    # wide, and with them the clip (often picking one worse than absmax).
     a, b = lo_edges[None, :], lo_edges[None, :] + w
-    clipping = np.where(b > c, (b - c) ** 3 - np.maximum(a - c, 0) ** 3, 0.0) / 3 / w
-    errors = ((rounding + clipping) * counts[None, :]).sum(axis=1)
+    inside_hi = np.minimum(b, c)
+    rounding = np.where(inside_hi > a, _rounding_integral(inside_hi, ulp) - _rounding_integral(a, ulp), 0.0)
+    clipping = np.where(b > c, (b - c) ** 3 - np.maximum(a - c, 0) ** 3, 0.0) / 3
+    errors = ((rounding + clipping) / w * counts[None, :]).sum(axis=1)
     return float(clips[np.argmin(errors)])

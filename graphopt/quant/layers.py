@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from graphopt.param_derived import largest_source, param_derived_values
-from graphopt.quant.rules import Decision, Layer, Rule, plan
+from graphopt.quant.rules import Decision, Layer, Rule, as_rule, plan
 
 # graph op → (the quantized op that replaces it, the op kind rules match)
 KINDS = {"dot_general": ("quantized_dot", "dot_general"), "linear": ("quantized_dot", "dot_general"),
@@ -112,7 +112,7 @@ def dry_run(graph, scheme="int8", rules: Sequence = ()) -> Plan:
     """What `quantize(scheme, rules=rules)` would do to each layer of `graph`, changing nothing.
 
     Run it on the graph as the quantize pass would see it (after the passes before it)."""
-    rules = [r if isinstance(r, Rule) else Rule(**r) for r in rules]
+    rules = [as_rule(r) for r in rules]
     sites = find_layers(graph)
     decisions, unused = plan([s.layer for s in sites], rules, scheme)
     return Plan(sites, decisions, rules, unused)

@@ -5,7 +5,8 @@ parameter path (a regex, `re.search`), its op ("dot_general" or "conv") and its 
 elements; it says which scheme the layer gets, or `scheme=None` to leave it in float. Rules are
 tried in order and the first match wins; a layer no rule matches gets the pass's default scheme.
 `plan` gives the decision per layer and the rules that matched nothing, which the pass reports
-(a rule that matches nothing is usually a typo in its path).
+(a rule that matches nothing is usually a typo in its path). A rule is checked when it is built
+(its regex, op, size bounds, and a scheme name with its options), so a typo there fails at once.
 
 Example:
     >>> rules = [Rule(path=r"lm_head", scheme=None), Rule(max_size=1023, scheme=None)]
@@ -26,7 +27,9 @@ import math
 import re
 from typing import Any, Sequence
 
-from graphopt.quant.scheme import QuantizationError
+import numpy as np
+
+from graphopt.quant.scheme import QuantizationError, scheme_named
 
 OP_KINDS = ("dot_general", "conv")
 
@@ -59,12 +62,30 @@ class Rule:
 
     def __post_init__(self):
         if self.op is not None and self.op not in OP_KINDS:
-            raise QuantizationError(f"rule {self}: op must be one of {OP_KINDS}, got {self.op!r}")
+            raise QuantizationError(f"rule {self}: op must be one of {', '.join(OP_KINDS)} (or None: any), "
+                                    f"got {self.op!r}")
         if self.path is not None:
             try:
                 re.compile(self.path)
-            except re.error as err:
-                raise QuantizationError(f"rule path {self.path!r} is not a valid regex: {err}") from None
+            except (re.error, TypeError) as err:
+                raise QuantizationError(f"rule path {self.path!r} is not a valid regex: {err} (escape "
+                                        "special characters, e.g. with re.escape, to match them literally)") from None
+        if not _is_size(self.min_size) or not (self.max_size is None or _is_size(self.max_size)):
+            raise QuantizationError(f"rule {self}: min_size and max_size must be ints >= 0 (max_size may "
+                                    "be None: no bound)")
+        if self.max_size is not None and self.max_size < self.min_size:
+            raise QuantizationError(f"rule {self}: max_size {self.max_size} < min_size {self.min_size} matches "
+                                    "no layer; the bounds are inclusive element counts")
+        if not isinstance(self.options, dict):
+            raise QuantizationError(f"rule {self}: options must be a dict, e.g. {{'group': 64}}")
+        if isinstance(self.scheme, str):  # a typo in a scheme name or option: now, not at the first match
+            try:
+                scheme_named(self.scheme, **self.options)
+            except QuantizationError as err:
+                raise QuantizationError(f"rule {self.describe()}: {err}") from None
+            except TypeError:
+                raise QuantizationError(f"rule {self.describe()}: options {sorted(self.options)} are not all "
+                                        "scheme options; they are: group, symmetric") from None
 
     def matches(self, layer: Layer) -> bool:
         return ((self.path is None or re.search(self.path, layer.path) is not None)
@@ -91,7 +112,7 @@ class Decision:
 
 def plan(layers: Sequence[Layer], rules: Sequence[Rule], default) -> tuple[list[Decision], list[int]]:
     """(decision per layer, indices of rules that matched no layer). First matching rule wins."""
-    rules = [r if isinstance(r, Rule) else Rule(**r) for r in rules]
+    rules = [as_rule(r) for r in rules]
     decisions, used = [], set()
     for layer in layers:
         for index, rule in enumerate(rules):
@@ -102,3 +123,19 @@ def plan(layers: Sequence[Layer], rules: Sequence[Rule], default) -> tuple[list[
         else:
             decisions.append(Decision(layer, default, None))
     return decisions, [i for i in range(len(rules)) if i not in used]
+
+
+def _is_size(n) -> bool:
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0
+
+
+def as_rule(rule) -> Rule:
+    """A Rule, or one built from a dict of Rule's fields."""
+    if isinstance(rule, Rule):
+        return rule
+    fields = [f.name for f in dataclasses.fields(Rule)]
+    if not isinstance(rule, dict) or set(rule) - set(fields):
+        unknown = sorted(set(rule) - set(fields)) if isinstance(rule, dict) else None
+        raise QuantizationError(f"rule {rule!r}: " + (f"unknown fields {unknown}" if unknown else "not a Rule or dict")
+                                + f"; a rule's fields are {', '.join(fields)}")
+    return Rule(**rule)

@@ -17,6 +17,13 @@ quantized layer does with its weights and its activations:
 Symmetric by default (zero maps to 0, the range is ±absmax); `symmetric=False` adds a zero point
 for integer formats. Rounding is to nearest, ties to even; values are clipped to the format's range.
 
+Edge cases (the tests pin them down): all-zero blocks get scale 1 and come back exactly 0. Integer
+formats have one zero, so -0.0 (and a small negative value rounding to 0) comes back +0.0; fp8
+keeps the sign of zero. `dequantize` saturates at its dtype's largest finite value, so tensors
+reaching ±float32 max come back finite. XLA on CPU treats float32 subnormals as zero: a block of
+only subnormals gets scale 1 and comes back 0 (within `error_bound`, whose steps at scale 1 dwarf
+any subnormal).
+
 Example:
     >>> import numpy as np
     >>> w = np.array([[1.0, -0.5], [0.25, 2.0]], np.float32)   # [in, out]: contract axis 0
@@ -36,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -106,21 +114,37 @@ class Layout:
     group: int | None = None
 
     def check(self, shape, what: str = "tensor") -> None:
-        ndim = len(shape)
+        """Raise QuantizationError, naming `what` and its shape, if this layout does not fit `shape`."""
+        ndim, shape = len(shape), tuple(shape)
         if any(not -ndim <= a < ndim for a in self.reduce_axes):
-            raise QuantizationError(f"{what} {tuple(shape)}: reduce axes {self.reduce_axes} out of range")
-        if self.group is not None:
-            if self.group_axis is None or self.group_axis % ndim not in {a % ndim for a in self.reduce_axes}:
-                raise QuantizationError(f"{what}: group axis {self.group_axis} must be a reduced axis "
-                                        f"{self.reduce_axes}")
-            size = shape[self.group_axis]
-            if self.group <= 0 or size % self.group:
-                raise QuantizationError(f"{what} {tuple(shape)}: axis {self.group_axis} of size {size} "
-                                        f"does not split into groups of {self.group}; choose a group "
-                                        "size that divides it (or per-channel scales)")
+            raise QuantizationError(f"{what} {shape}: reduce axes {self.reduce_axes} out of range for "
+                                    f"{ndim} axes; use axes in [{-ndim}, {ndim})")
+        if len({a % ndim for a in self.reduce_axes}) < len(self.reduce_axes):
+            raise QuantizationError(f"{what} {shape}: reduce axes {self.reduce_axes} repeat an axis; "
+                                    "list each axis once")
+        if self.group is None:
+            if self.group_axis is not None:
+                raise QuantizationError(f"{what} {shape}: group_axis {self.group_axis} with no group; give "
+                                        "group= (the group size) or drop group_axis")
+            return
+        if isinstance(self.group, bool) or not isinstance(self.group, (int, np.integer)) or self.group <= 0:
+            raise QuantizationError(f"{what} {shape}: group must be a positive int (the number of elements "
+                                    f"sharing a scale), got {self.group!r}")
+        if self.group_axis is None or not -ndim <= self.group_axis < ndim:
+            raise QuantizationError(f"{what} {shape}: group axis {self.group_axis} out of range for {ndim} "
+                                    "axes; give the (reduced) axis the groups run along")
+        if self.group_axis % ndim not in {a % ndim for a in self.reduce_axes}:
+            raise QuantizationError(f"{what} {shape}: group axis {self.group_axis} must be one of the reduced "
+                                    f"axes {self.reduce_axes}; add it to reduce_axes")
+        size = shape[self.group_axis]
+        if size % self.group:
+            raise QuantizationError(f"{what} {shape}: axis {self.group_axis} of size {size} "
+                                    f"does not split into groups of {self.group}; choose a group "
+                                    "size that divides it (or per-channel scales)")
 
     def blocked_shape(self, shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(blocked shape of the tensor, axes reduced in the blocked shape)."""
+        self.check(shape)
         ndim = len(shape)
         reduce = sorted(a % ndim for a in self.reduce_axes)
         if self.group is None:
@@ -141,24 +165,29 @@ def compute_scale(x, fmt: Format, layout: Layout, *, symmetric: bool = True, cli
     Symmetric: scale = absmax / symmetric_max, zero point None. Asymmetric (integer formats):
     the range [min(x, 0), max(x, 0)] maps onto [qmin, qmax], zero point an integer in it.
     `clip` (a float or per-block array, > 0) replaces absmax (for asymmetric: a (lo, hi) pair).
-    All-zero blocks get scale 1, so they quantize to 0 and back exactly. Works on traced values.
+    All-zero blocks get scale 1, so they quantize to 0 and back exactly; a block holding NaN gets
+    a NaN scale (never a silent 1: the parameter prep rejects non-finite scales, naming the weight). Works on traced values.
     """
+    if fmt.is_float and not symmetric:
+        raise QuantizationError(f"{fmt.name}: floating formats are symmetric only; drop symmetric=False")
     blocked, axes = layout.blocked_shape(np.shape(x))
     xb = jnp.reshape(jnp.asarray(x), blocked)
     dtype = jnp.promote_types(xb.dtype, jnp.float32)
     xb = xb.astype(dtype)
-    if symmetric or fmt.is_float:
+    if symmetric:
         amax = jnp.max(jnp.abs(xb), axes, keepdims=True) if clip is None else jnp.broadcast_to(
             jnp.asarray(clip, dtype), layout.scale_shape(np.shape(x)))
         scale = amax / jnp.asarray(fmt.symmetric_max(), dtype)
-        return jnp.where(scale > 0, scale, jnp.ones_like(scale)), None
+        return jnp.where((scale > 0) | jnp.isnan(scale), scale, jnp.ones_like(scale)), None
     if clip is None:
         lo = jnp.minimum(jnp.min(xb, axes, keepdims=True), 0)
         hi = jnp.maximum(jnp.max(xb, axes, keepdims=True), 0)
     else:
         lo, hi = (jnp.broadcast_to(jnp.asarray(c, dtype), layout.scale_shape(np.shape(x))) for c in clip)
-    scale = (hi - lo) / jnp.asarray(fmt.qmax - fmt.qmin, dtype)
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    steps, width = jnp.asarray(fmt.qmax - fmt.qmin, dtype), hi - lo
+    # hi - lo overflows for ranges near ±max: then each end is divided alone (and rounded twice).
+    scale = jnp.where(jnp.isfinite(width), width / steps, hi / steps - lo / steps)
+    scale = jnp.where((scale > 0) | jnp.isnan(scale), scale, jnp.ones_like(scale))
     zero = jnp.clip(jnp.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax).astype(jnp.int8)
     return scale, zero
 
@@ -182,7 +211,9 @@ def quantize(x, fmt: Format, layout: Layout, scale, zero_point=None):
 
 def dequantize(q, fmt: Format, layout: Layout, scale, zero_point, dtype, shape=None):
     """The values the codes `q` stand for, in `dtype`, shape `shape` (default: q's shape; give it
-    for int4, whose stored last axis is half the tensor's)."""
+    for int4, whose stored last axis is half the tensor's). Saturates at `dtype`'s largest finite
+    value: a code may stand for a value just beyond it (the scale rounded up, or, with a zero
+    point, the grid's end half a step past the range), which must not become ±Inf."""
     if fmt.name == "int4":
         q = unpack_int4(q)
     shape = np.shape(q) if shape is None else tuple(shape)
@@ -190,11 +221,16 @@ def dequantize(q, fmt: Format, layout: Layout, scale, zero_point, dtype, shape=N
     values = jnp.reshape(q, blocked).astype(scale.dtype)
     if zero_point is not None:
         values = values - zero_point.astype(scale.dtype)
-    return jnp.reshape(values * scale, shape).astype(dtype)
+    values = values * scale
+    if jnp.issubdtype(dtype, jnp.floating):
+        limit = min(float(jnp.finfo(dtype).max), float(jnp.finfo(scale.dtype).max))
+        values = jnp.clip(values, -limit, limit)
+    return jnp.reshape(values, shape).astype(dtype)
 
 
 def pack_int4(q):
-    """int8 codes in [-8, 15] → uint8, two per byte along the last axis (even index low nibble).
+    """int8 codes in [-8, 7] → uint8, two per byte along the last axis (even index low nibble).
+    A bijection between pairs of codes and bytes; only the low 4 bits of a code are kept.
 
     >>> pack_int4(jnp.array([1, -2, 7, 3], jnp.int8)).tolist()
     [225, 55]
@@ -217,15 +253,18 @@ def unpack_int4(packed):
     return (codes ^ 8) - 8
 
 
-def error_bound(x, fmt: Format, layout: Layout, *, symmetric: bool = True):
-    """Per-element bound on |dequantize(quantize(x)) - x| for scales from `compute_scale(x)`.
+def error_bound(x, fmt: Format, layout: Layout, *, symmetric: bool = True, dtype=None):
+    """Per-element bound on |dequantize(quantize(x)) - x| for scales from `compute_scale(x)`,
+    dequantized into `dtype` (default: x's dtype).
 
     Integers: half a step (scale / 2). Floats: half an ulp of the scaled value (2^-(mantissa+1)
     relative) or half the smallest subnormal step, whichever is larger. Plus the rounding of
-    the scale arithmetic itself (a few f32 ulps of |x|).
+    the scale arithmetic itself (a few f32 ulps of |x|), and of the result into `dtype` (half
+    an ulp there: bfloat16 and float16 results add 2^-8 and 2^-11 relative).
     """
     scale, _ = compute_scale(x, fmt, layout, symmetric=symmetric)
     shape = np.shape(x)
+    dtype = jnp.result_type(x) if dtype is None else jnp.dtype(dtype)
     blocked, _ = layout.blocked_shape(shape)
     xb = jnp.reshape(jnp.abs(jnp.asarray(x, jnp.float32)), blocked)
     if fmt.is_float:
@@ -234,17 +273,33 @@ def error_bound(x, fmt: Format, layout: Layout, *, symmetric: bool = True):
         bound = jnp.maximum(xb * relative, scale * float(info.smallest_subnormal) / 2)
     else:  # asymmetric: the rounded zero point may push an extreme value a half step out
         bound = jnp.broadcast_to(scale / 2 if symmetric else scale, blocked)
-    return jnp.reshape(bound * (1 + 1e-5) + xb * 4 * float(np.finfo(np.float32).eps), shape)
+    bound = bound * (1 + 1e-5) + xb * 4 * float(np.finfo(np.float32).eps)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        out = jnp.finfo(dtype)
+        bound = bound + (xb + bound) * 2.0 ** -(out.nmant + 1) + float(out.smallest_subnormal) / 2
+    return jnp.reshape(bound, shape)
 
 
 def check_finite(x, name: str) -> None:
-    """Raise QuantizationError naming `name` if the concrete array `x` holds NaN or ±Inf."""
+    """Raise QuantizationError naming `name` if the concrete array `x` holds NaN or ±Inf, or values
+    beyond the range of the float type quantization computes in (float32 unless x64 is on)."""
     values = np.asarray(x)
-    if np.issubdtype(values.dtype, np.floating) or values.dtype.kind == "V":
-        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values.astype(np.float32))))
-        if bad:
-            raise QuantizationError(f"{name}: {bad} of {values.size} values are NaN or ±Inf; "
-                                    "quantization needs finite weights (fix or skip this layer with a rule)")
+    if values.dtype.kind == "V":   # bfloat16, float8 (ml_dtypes): numpy's own tests need a float
+        values = values.astype(np.float32)
+    if not np.issubdtype(values.dtype, np.floating):
+        return
+    nan = int(np.count_nonzero(np.isnan(values)))
+    pos = int(np.count_nonzero(np.isposinf(values)))
+    neg = int(np.count_nonzero(np.isneginf(values)))
+    compute = jax.dtypes.canonicalize_dtype(jnp.promote_types(values.dtype, jnp.float32))
+    limit = float(jnp.finfo(compute).max)
+    big = 0 if float(np.finfo(values.dtype).max) <= limit else \
+        int(np.count_nonzero(np.isfinite(values) & (np.abs(values) > limit)))
+    if nan + pos + neg + big:
+        beyond = f", {big} beyond {compute.name}'s range ±{limit:.3g}, which quantization computes in" if big else ""
+        raise QuantizationError(f"{name}: {nan + pos + neg + big} of {values.size} values are not finite "
+                                f"({nan} NaN, {pos} +Inf, {neg} -Inf{beyond}); quantization needs finite "
+                                "weights (fix or skip this layer with a rule)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,11 +350,12 @@ def scheme_named(name: str, *, group: int | None = None, symmetric: bool = True)
     weights, acts, mode = table[name]
     if name == "int4" and group is None:
         group = 128
-    if group is not None and not (isinstance(group, int) and group >= 2 and group % 2 == 0):
+    if group is not None and not (isinstance(group, (int, np.integer)) and not isinstance(group, bool)
+                                  and group >= 2 and group % 2 == 0):
         raise QuantizationError(f"{name}: group must be an even int >= 2 (32–256 is usual), got {group!r}")
     if not symmetric and (weights.is_float):
         raise QuantizationError(f"{name}: floating formats are symmetric only; drop symmetric=False")
-    return Scheme(name, weights, acts, mode, group, bool(symmetric))
+    return Scheme(name, weights, acts, mode, None if group is None else int(group), bool(symmetric))
 
 
 def block_count(shape, layout: Layout) -> int:
