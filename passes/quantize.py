@@ -19,7 +19,12 @@ jitted, on the current backend, and keeps the fastest quantized form. With `pref
 float weight at run time — the dequantized codes, computed once in the prep, so the numerics
 are the quantized model's — and the report says the scheme gives memory, not speed, there (on
 CPU, XLA writes a dequantized weight out in full before a matmul: weight-only layers are rarely
-faster than float). `prefer="memory"` always keeps the codes.
+faster than float). `prefer="memory"` always keeps the codes. Layers timed alone miss what XLA
+does around them (a float conv fused with its bias and ReLU, which a quantized form splits), so
+the whole model is timed too, after fold_params: float, the per-layer choice, and every layer in
+FLOAT_WEIGHTS (prefer="speed") or the reference form ("memory"); the faster of the last two is
+kept, and the report says when the scheme still costs speed (activation rounding on CPU).
+`check_model=False` skips this (three more compiles of the model).
 
 `mode="train"`: the weights (and activations of activation-quantizing schemes) go through
 `fake_quantize` (rounding with a straight-through gradient) and the float op, so `jax.grad` of
@@ -57,7 +62,7 @@ from jax import lax
 
 from graphopt import implementations
 from graphopt.builder import Builder
-from graphopt.pipeline import approximate, register_pass
+from graphopt.pipeline import PassContext, approximate, register_pass, run_pipeline
 from graphopt.quant.layers import find_layers
 from graphopt.quant.ops import (dequantize_node, fake_quantize_node, quantize_node, quantized_node,
                                 weight_layout, x_contracting)
@@ -69,7 +74,7 @@ from graphopt.quant.scheme import Layout, QuantizationError, scheme_named
 @register_pass("quantize", contract=approximate(0.25))
 def quantize(graph, ctx, scheme="int8", *, group=None, symmetric=True, rules=(), calibration=None,
              smooth=None, prefer="speed", mode="inference", margin=0.05, timer=None, backend=None,
-             recipe=None):
+             recipe=None, check_model=True):
     """Quantize dot_general / linear / conv layers with parameter weights (see the module docstring)."""
     if prefer not in ("speed", "memory") or mode not in ("inference", "train"):
         raise QuantizationError(f"quantize: prefer must be 'speed' or 'memory' (got {prefer!r}), "
@@ -79,28 +84,77 @@ def quantize(graph, ctx, scheme="int8", *, group=None, symmetric=True, rules=(),
         chosen = _replay_plan(sites, recipe)
     else:
         chosen = _plan(ctx, sites, scheme, rules, dict(group=group, symmetric=symmetric))
+    float_model = graph.clone()[0] if check_model and recipe is None and mode == "inference" else None
     smoothing = _smooth(graph, ctx, chosen, calibration, smooth, recipe)
     act_scales = ({id(s.node): e.act_scale for s, e in chosen} if recipe is not None
                   else _calibrate(graph, chosen, calibration))
-    backend = backend or _default_backend()
-    timer = timer or implementations.time_graphs
-    measured: dict = {}
-    entries = []
-    for site, entry in chosen:
-        entry = entry.with_act_scale(act_scales.get(id(site.node)))
-        node = _dissolve_linear(graph, site.node)
-        if mode == "train":
-            _fake_quantize(graph, node, site, entry)
-            ctx.count({f"fake-{entry.scheme}": 1})
-        else:
-            entry = _rewrite(graph, node, site, entry, prefer, margin, timer, backend, measured)
-            ctx.count({f"{entry.scheme}/{entry.form or 'reference'}": 1})
-        entries.append(entry)
-    _report_forms(ctx, measured, backend)
+    position = {id(site.node): i for i, site in enumerate(sites)}
+    chosen = [(position[id(site.node)], entry.with_act_scale(act_scales.get(id(site.node))))
+              for site, entry in chosen]
+    options = dict(prefer=prefer, margin=margin, timer=timer or implementations.time_graphs,
+                   backend=backend or _default_backend(), measured={})
+    if mode == "train":
+        entries = _apply(graph, sites, chosen, ctx, train=True, **options)
+    elif float_model is None:
+        entries = _apply(graph, sites, chosen, ctx, **options)
+    else:
+        graph, entries = _whole_model_check(graph, sites, chosen, float_model, ctx, **options)
+    _report_forms(ctx, options["measured"], options["backend"])
     previous = graph.metadata.get("quantization")
     graph.metadata["quantization"] = Recipe((previous.layers if previous else ()) + tuple(entries), mode,
                                             (previous.smoothing if previous else ()) + tuple(smoothing))
     return graph
+
+
+def _apply(graph, sites, chosen, ctx, *, train=False, **options) -> list:
+    """Rewrite the chosen layers ((index in `sites`, entry) pairs) of `graph`; the entries, each
+    with the form it got."""
+    entries = []
+    for index, entry in chosen:
+        site = sites[index]
+        node = _dissolve_linear(graph, site.node)
+        if train:
+            _fake_quantize(graph, node, site, entry)
+            ctx.count({f"fake-{entry.scheme}": 1})
+        else:
+            entry = _rewrite(graph, node, site, entry, **options)
+            ctx.count({f"{entry.scheme}/{entry.form or 'reference'}": 1})
+        entries.append(entry)
+    return entries
+
+
+def _whole_model_check(graph, sites, chosen, float_model, ctx, **options):
+    """(graph, entries): the per-layer choice, unless the same layers all in one alternative form
+    run the whole model faster by `margin` — FLOAT_WEIGHTS under prefer="speed", the reference
+    form (which XLA fuses with its neighbours) under "memory". Layers timed alone miss what XLA
+    does around them (a conv, its bias and ReLU fused into one kernel that a quantized form
+    splits), so the models are timed whole, as they will run: after fold_params."""
+    alternative = FLOAT_WEIGHTS if options["prefer"] == "speed" else None
+    other = graph.clone()[0]
+    entries = _apply(graph, sites, chosen, ctx, **options)
+    if not entries or all(e.form == alternative for e in entries):
+        return graph, entries
+    other_entries = _apply(other, find_layers(other), [(i, e.with_form(alternative)) for i, e in chosen],
+                           PassContext("quantize"), **options)
+    label = f"all {alternative or 'reference'}"
+    times = options["timer"]({"float": _as_run(float_model), "per layer": _as_run(graph), label: _as_run(other)})
+    failed = [k for k, v in times.items() if not isinstance(v, (int, float))]
+    if failed:
+        ctx.note(f"model check skipped: {', '.join(failed)} failed to compile ({times[failed[0]]})")
+        return graph, entries
+    keep_other = times[label] * (1 + options["margin"]) < times["per layer"]
+    best = times[label] if keep_other else times["per layer"]
+    ctx.note(f"model on {options['backend']}: per-layer forms {times['per layer'] / times['float']:.2f}× the float "
+             f"model's time, {label} {times[label] / times['float']:.2f}×; kept "
+             f"{label if keep_other else 'the per-layer forms'}"
+             + ("" if best <= times["float"] * (1 + options["margin"]) else
+                f" (this scheme costs speed here: {best / times['float']:.2f}× float)"))
+    return (other, other_entries) if keep_other else (graph, entries)
+
+
+def _as_run(graph):
+    """A copy of `graph` as it will run: parameter-only work moved to the prep."""
+    return run_pipeline(graph.clone()[0], ["fold_params", "dce"]).graph
 
 
 def _default_backend() -> str:
@@ -230,7 +284,7 @@ def _act_scale_value(graph, node, scale: float | None):
     return _builder(graph, node).const(np.asarray(scale, dtype))
 
 
-def _rewrite(graph, node, site, entry, prefer, margin, timer, backend, measured):
+def _rewrite(graph, node, site, entry, *, prefer, margin, timer, backend, measured):
     """Replace `node` by its quantized form (the entry's, when it comes from a recipe; else the
     fastest by measurement); the entry with the form taken."""
     scheme, side, kind = entry.scheme_object, site.side, site.kind

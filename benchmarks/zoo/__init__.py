@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Trained", "cache_dir", "count_params", "padded_batches", "train_cached"]
+__all__ = ["Trained", "cache_dir", "count_params", "padded_batches", "script_run", "train_cached"]
 
 CACHE_ENV = "GRAPHOPT_ZOO_CACHE"
 _FORMAT = 1  # bump when the file layout or the meaning of a cache key changes
@@ -201,3 +201,20 @@ def _load(path: Path, like) -> tuple[dict, float] | None:
     variables = traverse_util.unflatten_dict(
         {tuple(key.split("/")): jnp.asarray(value) for key, value in flat.items()})
     return variables, seconds
+
+
+def script_run(doc: str, train: Callable, evaluate: Callable, argv=None) -> tuple[Trained, float, float]:
+    """What each zoo module does when run as a script: parse `--steps --seed --no-cache
+    --verbose`, train (or load), evaluate jitted; (trained, metric, evaluation seconds)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    trained = train(seed=args.seed, steps=args.steps, verbose=args.verbose, cache=not args.no_cache)
+    start = time.perf_counter()
+    metric = evaluate(jax.jit(trained.apply), trained.variables, trained.data)
+    return trained, metric, time.perf_counter() - start

@@ -39,11 +39,9 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the `zoo` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import math  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
@@ -52,7 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from zoo import Trained, padded_batches, train_cached  # noqa: E402
+from zoo import Trained, padded_batches, script_run, train_cached  # noqa: E402
 
 VALID_FILES = ("bisect.py", "fnmatch.py", "glob.py", "shlex.py", "string.py", "textwrap.py")
 TRAIN_BYTES = 2 * 2**20
@@ -212,17 +210,7 @@ def _fit(model, data: Splits, seed: int, steps: int, verbose: bool):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-cache", action="store_true")
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    trained = train(seed=args.seed, steps=args.steps, verbose=args.verbose,
-                    cache=not args.no_cache)
-    start = time.perf_counter()
-    perplexity = evaluate(jax.jit(trained.apply), trained.variables, trained.data)
-    eval_seconds = time.perf_counter() - start
+    trained, perplexity, eval_seconds = script_run(__doc__, train, evaluate, argv)
     counts = np.bincount(trained.data.train, minlength=256) + 1.0   # add-one unigram baseline
     log_p = np.log(counts / counts.sum())
     unigram = math.exp(-float(np.mean(log_p[trained.data.valid[1:]])))

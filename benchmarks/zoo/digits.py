@@ -32,10 +32,8 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the `zoo` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
-import time  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -43,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from zoo import Trained, padded_batches, train_cached  # noqa: E402
+from zoo import Trained, padded_batches, script_run, train_cached  # noqa: E402
 
 N_TEST = 360
 EVAL_BATCH = 128        # evaluate() and calibration_batches() call apply on (128, 8, 8, 1)
@@ -167,17 +165,7 @@ def _fit(model, data: Splits, seed: int, steps: int, verbose: bool):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-cache", action="store_true")
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    trained = train(seed=args.seed, steps=args.steps, verbose=args.verbose,
-                    cache=not args.no_cache)
-    start = time.perf_counter()
-    accuracy = evaluate(jax.jit(trained.apply), trained.variables, trained.data)
-    eval_seconds = time.perf_counter() - start
+    trained, accuracy, eval_seconds = script_run(__doc__, train, evaluate, argv)
     source = "loaded from cache; trained in" if trained.from_cache else "trained in"
     print(f"digits CNN: {trained.num_params:,} parameters, {source} {trained.train_seconds:.1f} s")
     print(f"test accuracy {accuracy:.4f} ({len(trained.data.x_test)} images, "

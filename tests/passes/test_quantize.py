@@ -248,6 +248,30 @@ def test_float_weights_when_float_is_faster():
     assert "memory, not speed" in notes
 
 
+@pytest.mark.parametrize("prefer_,alternative", [("speed", "float-weights"), ("memory", None)])
+def test_the_whole_model_is_timed_too(prefer_, alternative):
+    """Layers timed alone can each win and the model still lose (XLA fuses a float layer with its
+    neighbours): the same layers all in the alternative form are timed whole, as they will run."""
+    fn, args = _mlp()
+    seen = []
+
+    def timer(graphs):
+        if "per layer" in graphs:  # the whole models: the per-layer choice is the slowest
+            seen.append({k: sorted(a.path for a in g.params()) for k, g in graphs.items()})
+            return {k: {"float": 1.0, "per layer": 1.5}.get(k, 1.1) for k in graphs}
+        return prefer("integer")(graphs)
+
+    result, out = quantized(fn, args, "int8_dynamic", timer=timer, pipeline=[], prefer=prefer_)
+    assert [e.form for e in result.graph.metadata["quantization"].layers] == [alternative] * 2
+    label = f"all {alternative or 'reference'}"
+    assert any(p.endswith(":codes") for p in seen[0]["per layer"])  # timed after fold_params
+    assert not any(p.endswith(":codes") for p in seen[0]["float"])
+    notes = " ".join(next(r for r in result.report.records if r.name == "quantize").notes)
+    assert f"per-layer forms 1.50× the float model's time, {label} 1.10×; kept {label}" in notes
+    assert "this scheme costs speed here: 1.10× float" in notes
+    close(out, simulated(fn, args, "int8_dynamic"), rtol=1e-4)
+
+
 def test_prefer_memory_keeps_the_codes_even_when_slower():
     fn, args = _mlp()
     result, _ = quantized(fn, args, "int8", timer=prefer("float"), pipeline=[], prefer="memory")
@@ -275,16 +299,18 @@ def test_one_measurement_per_layer_signature():
     w = jnp.ones((16, 16))
     fn = lambda p, x: x @ p["a"] @ p["b"] @ p["c"]  # noqa: E731
     quantized(fn, ({"a": w, "b": w, "c": w}, jnp.ones((2, 16))), "int8", params_argnums=0, timer=timer)
-    assert calls == [["None", "float", "scale_after"]]
+    assert calls == [["None", "float", "scale_after"],  # one layer signature, then the whole models
+                     ["all float-weights", "float", "per layer"]]
     # activation-quantizing schemes also time the float op after the activation's rounding
     quantized(fn, ({"a": w, "b": w, "c": w}, jnp.ones((2, 16))), "int8_dynamic", params_argnums=0, timer=timer)
-    assert calls[1] == ["None", "float", "float-weights", "integer"]
+    assert calls[2] == ["None", "float", "float-weights", "integer"]
 
 
 def test_float_weights_of_activation_schemes_are_timed_with_their_rounding():
     """fp8 activations are rounded in software on CPU: float weights alone would look free."""
     fn, args = _mlp()
-    slow_rounding = lambda graphs: {"float": 1.0, "float-weights": 3.0, None: 2.0, "fp8": 2.5}  # noqa: E731
+    times = {"float": 1.0, "float-weights": 3.0, None: 2.0, "fp8": 2.5}
+    slow_rounding = lambda graphs: {k: times.get(k, 1.0) for k in graphs}  # noqa: E731
     result, _ = quantized(fn, args, "fp8", timer=slow_rounding, pipeline=[])
     assert [e.form for e in result.graph.metadata["quantization"].layers] == [None, None]
     notes = " ".join(next(r for r in result.report.records if r.name == "quantize").notes)
