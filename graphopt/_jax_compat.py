@@ -103,15 +103,15 @@ def abstract_eval(primitive: Primitive, in_avals: Sequence[ShapedArray], params:
     return (list(out) if primitive.multiple_results else [out]), effects
 
 
-def default_params(primitive: Primitive, in_avals: Sequence[ShapedArray]) -> dict:
-    """The params `jax.lax.<name>(*args)` binds for this primitive with no options, e.g. JAX
-    0.10's `mul` has `out_dtype=None`; {} where lax has no such function or it needs options
+def default_params(primitive: Primitive, in_avals: Sequence[ShapedArray], options: dict | None = None) -> dict:
+    """The params `jax.lax.<name>(*args, **options)` binds for this primitive, e.g. JAX 0.10's
+    `mul` has `out_dtype=None`; {} where lax has no such function or it needs other options
     (reshape needs new_sizes). Versions add and drop params: learned from the installed JAX."""
     fn = getattr(jax.lax, primitive.name, None)
     if not callable(fn):
         return {}
     try:
-        closed = jax.make_jaxpr(fn)(*in_avals)
+        closed = jax.make_jaxpr(lambda *args: fn(*args, **(options or {})))(*in_avals)
     except Exception:  # needs options, or not these operands: nothing to learn
         return {}
     eqns = jaxpr_parts(closed)[3]

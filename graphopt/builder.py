@@ -28,7 +28,7 @@ import numpy as np
 
 from graphopt import _jax_compat as compat
 from graphopt.ir import Graph, Node, Provenance, Value
-from graphopt.ops import OPS, Op, primitive_named
+from graphopt.ops import OPS, Op, params_key, primitive_named
 
 
 class Builder:
@@ -56,7 +56,7 @@ class Builder:
         if isinstance(op, str):
             op = OPS[op] if op in OPS else primitive_named(op)
         if op.kind == "primitive":  # params the caller leaves out take JAX's defaults
-            defaults = _default_params(op, inputs)
+            defaults = _default_params(op, inputs, params)
             if defaults.keys() - params.keys():
                 params = {**defaults, **params}
         node = self.graph.add_node(op, inputs, params, provenance=self.provenance, before=self.before)
@@ -97,12 +97,24 @@ class Builder:
 _DEFAULTS: dict = {}
 
 
-def _default_params(op, inputs) -> dict:
+def _default_params(op, inputs, given: dict) -> dict:
     """JAX's default params of primitive `op` on operands of these dtypes (learned once per
-    dtypes, on scalars: default params do not depend on shapes)."""
+    dtypes, on scalars: default params do not depend on shapes). For primitives whose lax
+    function needs options (`convert_element_type` its `new_dtype`), learned from a call with the
+    options given, where they are lax's keyword arguments and hashable."""
     key = (op, tuple((v.type.dtype, v.type.weak_type) for v in inputs))
     found = _DEFAULTS.get(key)
     if found is None:
         avals = [compat.shaped_array((), dtype, weak) for dtype, weak in key[1]]
         found = _DEFAULTS[key] = compat.default_params(op.primitive, avals)
-    return found
+    if found or not given:
+        return found
+    options = params_key(given)
+    if options is None:
+        return found
+    key = (*key, options)
+    learned = _DEFAULTS.get(key)
+    if learned is None:
+        avals = [compat.shaped_array((), dtype, weak) for dtype, weak in key[1]]
+        learned = _DEFAULTS[key] = compat.default_params(op.primitive, avals, given)
+    return learned
