@@ -63,11 +63,10 @@ from jax import lax
 from graphopt import implementations
 from graphopt.builder import Builder
 from graphopt.pipeline import PassContext, approximate, register_pass, run_pipeline
-from graphopt.quant.layers import find_layers
+from graphopt.quant.layers import find_layers, plan_sites
 from graphopt.quant.ops import (dequantize_node, fake_quantize_node, quantize_node, quantized_node,
                                 weight_layout, x_contracting)
 from graphopt.quant.recipe import FLOAT_WEIGHTS, UNSET, LayerRecipe, Recipe
-from graphopt.quant.rules import as_rule, plan
 from graphopt.quant.scheme import Layout, QuantizationError, scheme_named
 
 
@@ -137,7 +136,8 @@ def _whole_model_check(graph, sites, chosen, float_model, ctx, **options):
     other_entries = _apply(other, find_layers(other), [(i, e.with_form(alternative)) for i, e in chosen],
                            PassContext("quantize"), **options)
     label = f"all {alternative or 'reference'}"
-    times = options["timer"]({"float": _as_run(float_model), "per layer": _as_run(graph), label: _as_run(other)})
+    times = options["timer"]({"float": _as_run(float_model, copy=False), "per layer": _as_run(graph),
+                              label: _as_run(other)})
     failed = [k for k, v in times.items() if not isinstance(v, (int, float))]
     if failed:
         ctx.note(f"model check skipped: {', '.join(failed)} failed to compile ({times[failed[0]]})")
@@ -152,9 +152,9 @@ def _whole_model_check(graph, sites, chosen, float_model, ctx, **options):
     return (other, other_entries) if keep_other else (graph, entries)
 
 
-def _as_run(graph):
-    """A copy of `graph` as it will run: parameter-only work moved to the prep."""
-    return run_pipeline(graph.clone()[0], ["fold_params", "dce"]).graph
+def _as_run(graph, copy=True):
+    """`graph` (a copy of it) as it will run: parameter-only work moved to the prep."""
+    return run_pipeline(graph.clone()[0] if copy else graph, ["fold_params", "dce"]).graph
 
 
 def _default_backend() -> str:
@@ -167,13 +167,11 @@ def _default_backend() -> str:
 
 def _plan(ctx, sites, scheme, rules, options) -> list:
     """(site, LayerRecipe without form) for every site a rule (or the default) quantizes."""
-    rules = [as_rule(r) for r in rules]
-    decisions, unused = plan([s.layer for s in sites], rules, scheme)
-    for index in unused:
-        ctx.note(f"rule {index} ({rules[index].describe()}) matched no layer")
-    chosen, occurrences = [], {}
-    for site, decision in zip(sites, decisions):
-        occurrence = occurrences[site.layer.path] = occurrences.get(site.layer.path, -1) + 1
+    layer_plan = plan_sites(sites, scheme, rules)
+    for index in layer_plan.unused:
+        ctx.note(f"rule {index} ({layer_plan.rules[index].describe()}) matched no layer")
+    chosen = []
+    for site, decision in zip(sites, layer_plan.decisions):
         if decision.scheme is None:
             ctx.count({"skipped-by-rule": 1})
             continue
@@ -185,16 +183,13 @@ def _plan(ctx, sites, scheme, rules, options) -> list:
             layer_scheme = scheme_named(decision.scheme, **layer_options)
         except QuantizationError as err:
             raise QuantizationError(f"{site.layer.path} ({site.node.describe()}): {err}") from None
-        chosen.append((site, LayerRecipe.of(site.layer, occurrence, layer_scheme)))
+        chosen.append((site, LayerRecipe.of(site.layer, site.occurrence, layer_scheme)))
     return chosen
 
 
 def _replay_plan(sites, recipe) -> list:
     """The sites a saved recipe quantized, with its entries; an error if the graph lacks one."""
-    by_key, occurrences = {}, {}
-    for site in sites:
-        occurrence = occurrences[site.layer.path] = occurrences.get(site.layer.path, -1) + 1
-        by_key[(site.layer.path, occurrence)] = site
+    by_key = {(site.layer.path, site.occurrence): site for site in sites}
     chosen = []
     for entry in recipe.layers:
         site = by_key.get((entry.path, entry.occurrence))

@@ -103,9 +103,9 @@ _DEQUANTIZE = {}
 def _dequantize(node, arrays):
     key = repr(sorted(node.params.items()))
     fn = _DEQUANTIZE.get(key)
-    if fn is None:
-        params = dict(node.params)
-        fn = _DEQUANTIZE[key] = jax.jit(lambda *a: node.op.impl(*a, regions=[], **params)[0])
+    if fn is None:  # closes over the op and params only: the cache must not keep graphs alive
+        impl, params = node.op.impl, dict(node.params)
+        fn = _DEQUANTIZE[key] = jax.jit(lambda *a: impl(*a, regions=[], **params)[0])
     return fn(*arrays)
 
 

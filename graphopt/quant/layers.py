@@ -45,6 +45,7 @@ class Site:
     layer: Layer
     node: Any
     side: int
+    occurrence: int = 0   # among the layers reading the same parameter, in program order
 
     @property
     def kind(self) -> str:
@@ -55,7 +56,7 @@ class Site:
 def find_layers(graph) -> list[Site]:
     """The layers of `graph` (top level), in program order."""
     derived, _ = param_derived_values(graph)
-    found = []
+    found, occurrences = [], {}
     for node in graph.nodes:
         kind = KINDS.get(node.op.name)
         if kind is None:
@@ -70,8 +71,9 @@ def find_layers(graph) -> list[Site]:
             continue
         weight = node.inputs[side]
         source = largest_source(weight)
-        found.append(Site(Layer(source.path or f"input {source.index}", kind[1], tuple(weight.type.shape)),
-                          node, side))
+        path = source.path or f"input {source.index}"
+        occurrence = occurrences[path] = occurrences.get(path, -1) + 1
+        found.append(Site(Layer(path, kind[1], tuple(weight.type.shape)), node, side, occurrence))
     return found
 
 
@@ -112,7 +114,11 @@ def dry_run(graph, scheme="int8", rules: Sequence = ()) -> Plan:
     """What `quantize(scheme, rules=rules)` would do to each layer of `graph`, changing nothing.
 
     Run it on the graph as the quantize pass would see it (after the passes before it)."""
+    return plan_sites(find_layers(graph), scheme, rules)
+
+
+def plan_sites(sites: Sequence[Site], scheme, rules: Sequence) -> Plan:
+    """The plan for layers already found (the quantize pass's own planning step)."""
     rules = [as_rule(r) for r in rules]
-    sites = find_layers(graph)
     decisions, unused = plan([s.layer for s in sites], rules, scheme)
-    return Plan(sites, decisions, rules, unused)
+    return Plan(list(sites), decisions, rules, unused)

@@ -50,6 +50,7 @@ class QuantizedModel:
     storage: dict                 # what `save` writes (see graphopt.quant.artifact)
     report: Report | None
     passes: list[str]
+    _run: Callable | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @property
     def recipe(self) -> Recipe:
@@ -57,15 +58,14 @@ class QuantizedModel:
 
     def __call__(self, *inputs):
         """Run on the traced function's non-parameter arguments, in order."""
-        fn = self.__dict__.get("_fn")
-        if fn is None:
+        if self._run is None:
             from graphopt.lowering.emit import lower
 
-            fn = self.__dict__["_fn"] = jax.jit(lower(self.graph))
+            self._run = jax.jit(lower(self.graph))
         first = self.graph.param_argnums[0]
         args = list(inputs)
         args.insert(first, self.params)
-        return fn(*args)
+        return self._run(*args)
 
     def save(self, path) -> None:
         """Write the quantized parameters and the recipe to a safetensors file."""
