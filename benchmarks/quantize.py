@@ -45,7 +45,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graphopt  # noqa: E402
 from graphopt.quant import Calibration, Rule  # noqa: E402
-from graphopt.quant.train import distill, fake_quantized  # noqa: E402
+from graphopt.quant.train import fake_quantized  # noqa: E402
+from graphopt.train import distill  # noqa: E402
 from zoo import charlm, digits  # noqa: E402
 
 

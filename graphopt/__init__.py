@@ -20,6 +20,7 @@ from graphopt.lowering.emit import lower
 from graphopt.lowering.export import deserialize, export
 from graphopt.param_prep import prepare
 from graphopt.pipeline import register_pass, run_pipeline
+from graphopt.pruning import prune
 from graphopt.quant import quantize
 from graphopt.trace import trace
 from graphopt.types import TensorType
@@ -31,5 +32,5 @@ __all__ = [
     "Argument", "BisectResult", "Graph", "GraphError", "GraphoptError", "GraphoptWarning", "Node",
     "Optimized", "Provenance", "SignatureError", "TensorType", "TraceError", "ValidationError",
     "ValidationWarning", "Validator", "Value", "bisect", "deserialize", "export", "lower", "optimize",
-    "prepare", "quantize", "register_pass", "run_pipeline", "trace",
+    "prepare", "prune", "quantize", "register_pass", "run_pipeline", "trace",
 ]

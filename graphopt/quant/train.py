@@ -5,7 +5,7 @@ each layer's weight (and, for activation-quantizing schemes, its activation) goe
 `fake_quantize`, which rounds to the scheme's grid in the forward pass and passes the gradient
 straight through (the gradient of the identity). The result has the traced function's signature
 and takes the *float* parameters, so `jax.grad` of a loss of it trains them to do well after
-rounding. `distill` is such a loop: it fits the quantized model to the float model's outputs on
+rounding. `distill` (`graphopt.train`, shared with pruning's recovery) is such a loop: it fits the quantized model to the float model's outputs on
 unlabeled batches (KL divergence of softened logits, or squared error), with an optax optimizer.
 Quantize the fine-tuned weights as usual afterwards (`graphopt.quantize`).
 
@@ -24,14 +24,12 @@ Example:
 
 from __future__ import annotations
 
-import itertools
-from typing import Callable, Iterable
-
-import jax
-import jax.numpy as jnp
+from typing import Callable
 
 from graphopt.pipeline import PassSpec, run_pipeline
-from graphopt.quant.scheme import QuantizationError
+from graphopt.train import distill
+
+__all__ = ["distill", "fake_quantized"]
 
 
 def fake_quantized(fn: Callable, *args, scheme="int8", pipeline=("canonicalize", "fold_constants", "cse"),
@@ -46,46 +44,3 @@ def fake_quantized(fn: Callable, *args, scheme="int8", pipeline=("canonicalize",
     lowered = graphopt.lower(graph)
     lowered.graph = graph
     return lowered
-
-
-def distill(student: Callable, teacher: Callable, params, batches: Iterable, *, steps: int,
-            loss: str = "kl", temperature: float = 1.0, learning_rate: float = 1e-4, optimizer=None,
-            inputs: Callable | None = None):
-    """Fine-tune `params` so that `student(params, x)` matches `teacher(x)`; the new params.
-
-    `batches` yields inputs `x` (cycled until `steps` optimizer steps ran; `inputs(batch)` maps a
-    batch to `x` if it holds more, e.g. labels). `loss`: "kl" (teacher's softmax at `temperature`
-    against the student's, over the last axis: logits) or "mse". `optimizer`: an optax
-    GradientTransformation (default adam at `learning_rate`). `params` itself is not modified.
-    """
-    import optax
-
-    if loss not in ("kl", "mse"):
-        raise QuantizationError(f"distill: loss must be 'kl' or 'mse', got {loss!r}")
-    if steps < 1:
-        raise QuantizationError(f"distill: steps must be >= 1, got {steps}")
-    optimizer = optimizer or optax.adam(learning_rate)
-
-    def objective(p, x, target):
-        out = student(p, x)
-        if loss == "mse":
-            return jnp.mean((out.astype(jnp.float32) - target) ** 2)
-        log_q = jax.nn.log_softmax(out.astype(jnp.float32) / temperature, axis=-1)
-        log_p = jax.nn.log_softmax(target / temperature, axis=-1)
-        return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)) * temperature ** 2
-
-    @jax.jit
-    def step(p, state, x):
-        target = jax.lax.stop_gradient(teacher(x).astype(jnp.float32))
-        value, grads = jax.value_and_grad(objective)(p, x, target)
-        updates, state = optimizer.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, value
-
-    params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the caller's arrays stay as they are
-    state = optimizer.init(params)
-    batches = list(batches) if not isinstance(batches, list) else batches
-    if not batches:
-        raise QuantizationError("distill: batches is empty")
-    for batch in itertools.islice(itertools.cycle(batches), steps):
-        params, state, _ = step(params, state, inputs(batch) if inputs else batch)
-    return params

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import graphopt
-from graphopt.quant import QuantizationError
-from graphopt.quant.train import distill, fake_quantized
+from graphopt.quant.train import fake_quantized
+from graphopt.train import TrainingError, distill
 
 
 class MLP(nn.Module):
@@ -50,9 +50,9 @@ def test_distill_rejects_bad_arguments(mlp):
     model, variables, x = mlp
     student = fake_quantized(model.apply, variables, x, scheme="int8")
     teacher = lambda x: model.apply(variables, x)  # noqa: E731
-    with pytest.raises(QuantizationError, match="loss must be"):
+    with pytest.raises(TrainingError, match="loss must be"):
         distill(student, teacher, variables, [x], steps=1, loss="l1")
-    with pytest.raises(QuantizationError, match="steps"):
+    with pytest.raises(TrainingError, match="steps"):
         distill(student, teacher, variables, [x], steps=0)
-    with pytest.raises(QuantizationError, match="empty"):
+    with pytest.raises(TrainingError, match="empty"):
         distill(student, teacher, variables, [], steps=1)

@@ -1,0 +1,256 @@
+"""Prune a model in one call: a smaller graph, its smaller parameters, and what was removed.
+
+    pruned = graphopt.prune(model.apply, variables, x, flops=0.3)      # or ratio=0.3
+    pruned(x)                              # the pruned model (jitted), same outputs structure
+    pruned.params                          # the variables pytree, every pruned array smaller
+    print(pruned.report)                   # groups, per-layer params/FLOPs/bytes, measured speed
+    pruned = pruned.distill(lambda x: model.apply(variables, x), batches, steps=300)  # recover
+    pruned.save("pruned.safetensors")
+    pruned = graphopt.pruning.load("pruned.safetensors", model.apply, abstract_variables, x)
+
+The model is traced, its channel dependencies found (`passes/prune/deps.py`), channels scored
+(`importance`: l1, l2, wanda, taylor; `graphopt/pruning/importance.py`) and chosen (`ratio` or
+`flops`, local or global, `multiple`, `rules`; `graphopt/pruning/select.py`), and the graph is
+rebuilt with those channels physically removed (`passes/prune/shrink.py`). `steps=k` prunes in k
+rounds, rescoring the already pruned model each time (with `recover(model) -> params` run after
+each round to fine-tune it, when given). The parameter pytree keeps its structure (same paths),
+so the pruned model trains with any optax loop: `graphopt.lower(pruned.graph)` is an ordinary
+JAX function of `(params, inputs...)`.
+
+Calibration batches (for wanda and taylor) are the model's non-parameter inputs, one tuple (or
+one array) per batch; `inputs(batch)` extracts them when batches hold more (labels for taylor's
+`loss(outputs, batch)`).
+
+Example:
+    >>> import graphopt, jax, jax.numpy as jnp
+    >>> fn = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]
+    >>> p = {"w1": jax.random.normal(jax.random.key(0), (8, 64)), "w2": jnp.ones((64, 2))}
+    >>> pruned = prune(fn, p, jnp.ones((4, 8)), ratio=0.5, params_argnums=0, measure=False)
+    >>> {k: v.shape for k, v in pruned.params.items()}, pruned(jnp.ones((4, 8))).shape
+    ({'w1': (8, 32), 'w2': (32, 2)}, (4, 2))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from graphopt.passes.prune.deps import Dependencies, PruneError, analyze, flops_weights
+from graphopt.passes.prune.shrink import shrink, take
+from graphopt.pruning import importance as _importance
+from graphopt.pruning.report import PruneReport, build_report
+from graphopt.pruning.select import Selection
+
+FORMAT = "graphopt.pruning/1"
+
+
+@dataclasses.dataclass
+class PrunedModel:
+    """A structurally pruned model: its graph, parameters and the channels kept per group."""
+
+    graph: Any                    # the pruned Graph (for the example inputs' shapes)
+    args: tuple                   # the traced function's arguments, parameters pruned
+    keep: dict                    # group name -> kept channel indices of the original model
+    report: PruneReport | None
+    source: tuple | None = None   # (fn, unpruned abstract arguments): re-traced for other input shapes
+    _graphs: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def params(self):
+        """The pruned parameter argument (the first one, if the model has several)."""
+        return self.args[self.graph.param_argnums[0]]
+
+    def __call__(self, *inputs):
+        """Run on the traced function's non-parameter arguments, in order (any shapes the model
+        accepts: the pruned graph is rebuilt, once, for inputs of other shapes)."""
+        return self._lowered(inputs, jitted=True)(*self.arguments(inputs))
+
+    def _lowered(self, inputs: Sequence, jitted: bool = False):
+        """The lowered pruned graph for inputs of these shapes (jitted or not), cached."""
+        from graphopt.lowering.emit import lower
+
+        key = (tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in jax.tree_util.tree_leaves(inputs)),
+               jitted)
+        found = self._graphs.get(key)
+        if found is None:
+            graph = self.graph
+            if key[0] != _input_signature(self.graph) and self.source is not None:
+                graph = _retrace(self.source, inputs, self.graph.param_argnums, self.keep)
+            found = self._graphs[key] = jax.jit(lower(graph)) if jitted else lower(graph)
+        return found
+
+    def arguments(self, inputs: Sequence) -> tuple:
+        """The full argument tuple: these inputs with the pruned parameters in their places."""
+        rest = iter(inputs)
+        return tuple(self.args[i] if i in self.graph.param_argnums else next(rest) for i in range(len(self.args)))
+
+    def apply(self, params, *inputs):
+        """The pruned model as a function of (the first parameter argument, inputs...): what a
+        training loop differentiates."""
+        args = list(self.arguments(inputs))
+        args[self.graph.param_argnums[0]] = params
+        return self._lowered(inputs)(*args)
+
+    def with_params(self, params) -> "PrunedModel":
+        """The same pruned model on other (fine-tuned) parameters of the same shapes."""
+        args = list(self.args)
+        args[self.graph.param_argnums[0]] = params
+        return PrunedModel(self.graph, tuple(args), self.keep, self.report, self.source)
+
+    def distill(self, teacher: Callable, batches: Iterable, *, steps: int, **options) -> "PrunedModel":
+        """Recover accuracy by distillation against `teacher(x)` (the unpruned model's outputs):
+        `graphopt.train.distill` on this model's parameters; options: loss, temperature,
+        learning_rate, optimizer, inputs."""
+        from graphopt.train import distill
+
+        return self.with_params(distill(self.apply, teacher, self.params, batches, steps=steps, **options))
+
+    def fine_tune(self, batches: Iterable, loss: Callable, *, steps: int, **options) -> "PrunedModel":
+        """Recover accuracy on the task: `graphopt.train.fine_tune` (minimize loss(outputs, batch))."""
+        from graphopt.train import fine_tune
+
+        return self.with_params(fine_tune(self.apply, self.params, batches, loss, steps=steps, **options))
+
+    def save(self, path) -> None:
+        """Write the pruned parameters and the kept channels to a safetensors file."""
+        from safetensors.numpy import save_file
+
+        first = self.graph.param_argnums[0]
+        flat = _flat_params(self.args[first])
+        keep = {name: np.asarray(index).tolist() for name, index in self.keep.items()}
+        save_file(flat, str(path), metadata={"format": FORMAT, "keep": json.dumps(keep)})
+
+
+def prune(fn: Callable, *args, params_argnums=None, ratio: float | None = None, flops: float | None = None,
+          importance: str = "l2", scope: str = "global", multiple: int = 8, rules: Sequence | dict = (),
+          calibration: Iterable | None = None, inputs: Callable | None = None, loss: Callable | None = None,
+          steps: int = 1, recover: Callable | None = None, measure: bool = True) -> PrunedModel:
+    """Structurally prune `fn(*args)`: remove `ratio` of the channels or `flops` of the FLOPs.
+
+    See the module docstring for the options. The arguments' arrays are read, never modified."""
+    import graphopt
+
+    if steps < 1:
+        raise PruneError(f"steps must be >= 1, got {steps}")
+    original = graphopt.trace(fn, *args, params_argnums=params_argnums)
+    if not original.param_argnums:
+        raise PruneError("prune needs to know which arguments hold the parameters: pass params_argnums=")
+    batches = list(calibration) if calibration is not None else None
+    graph, leaves = original, list(jax.tree_util.tree_leaves(args))
+    kept: dict[str, np.ndarray] = {}
+    for step in range(steps):
+        # Each round removes the same share of what is left: k rounds compound to the target.
+        share = lambda t: None if t is None else 1 - (1 - t) ** (1 / steps)  # noqa: E731
+        deps = analyze(graph)
+        if not deps.groups:
+            raise PruneError("nothing in this model can be pruned exactly: "
+                             + "; ".join(f"{n}: {r[0]}" for n, _, r in deps.blocked[:8]))
+        keep = _choose(deps, leaves, share(ratio), share(flops), importance, scope, multiple, rules,
+                       _examples(deps, leaves, batches, inputs), loss)
+        graph, slices = shrink(deps, keep)
+        leaves = [take(leaf, slices[i]) if i in slices else leaf for i, leaf in enumerate(leaves)]
+        for name, index in keep.items():
+            kept[name] = kept.get(name, np.arange(deps.group(name).size))[index]
+        model = PrunedModel(graph, tuple(jax.tree_util.tree_unflatten(original.in_tree, leaves)), kept, None,
+                            (fn, _abstract(args)))
+        if recover is not None:
+            model = model.with_params(recover(model))
+            leaves = list(jax.tree_util.tree_leaves(model.args))
+    model.report = build_report(original, graph, analyze(original), kept, measure=measure)
+    return model
+
+
+def load(path, fn: Callable, *args, params_argnums=None) -> PrunedModel:
+    """A model saved by `PrunedModel.save`: trace `fn(*args)` (arrays or ShapeDtypeStructs), remove
+    the saved channels, and run on the saved parameters."""
+    import graphopt
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise PruneError(f"{path} is not a pruned model saved by graphopt ({FORMAT}); "
+                             f"its format is {meta.get('format')!r}")
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    keep = {name: np.asarray(index, np.int64) for name, index in json.loads(meta["keep"]).items()}
+    original = graphopt.trace(fn, *args, params_argnums=params_argnums)
+    deps = analyze(original)
+    graph, _ = shrink(deps, keep)
+    first = graph.param_argnums[0]
+    params = _unflat_params(args[first], flat, graph, path)
+    full = tuple(params if i == first else a for i, a in enumerate(args))
+    for arg, leaf in zip(graph.inputs, jax.tree_util.tree_leaves(full)):
+        if arg.role == "param" and tuple(np.shape(leaf)) != arg.type.shape:
+            raise PruneError(f"{path}: parameter {arg.path} has shape {np.shape(leaf)}, but pruning this model "
+                             f"with the saved channels gives {arg.type.shape}: it was saved from another model")
+    return PrunedModel(graph, full, keep, build_report(original, graph, deps, keep, measure=False),
+                       (fn, _abstract(args)))
+
+
+def _abstract(args):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
+
+
+def _input_signature(graph) -> tuple:
+    return tuple((a.type.shape, str(np.dtype(a.type.dtype))) for a in graph.inputs if a.role != "param")
+
+
+def _retrace(source, inputs, param_argnums, keep):
+    """The pruned graph for other input shapes: trace the unpruned model again, remove the same channels."""
+    import graphopt
+
+    fn, abstract = source
+    rest = iter(inputs)
+    args = [abstract[i] if i in param_argnums else next(rest) for i in range(len(abstract))]
+    graph, _ = shrink(analyze(graphopt.trace(fn, *args, params_argnums=param_argnums)), keep)
+    return graph
+
+
+def _choose(deps: Dependencies, leaves, ratio, flops, method, scope, multiple, rules, batches, loss) -> dict:
+    scores = _importance.scores(deps, leaves, method, batches=batches, loss=loss)
+    selection = Selection(sizes={g.name: g.size for g in deps.groups},
+                          paths={g.name: [a.path for a, _ in g.params] for g in deps.groups},
+                          flops_rows=flops_weights(deps) if flops is not None else None,
+                          names=[g.name for g in deps.groups])
+    return selection.choose(scores, ratio=ratio, flops=flops, scope=scope, multiple=multiple, rules=rules)
+
+
+def _examples(deps: Dependencies, leaves, batches, inputs) -> list | None:
+    """(flat arguments, batch) per calibration batch: the parameters with the batch's inputs."""
+    if batches is None:
+        return None
+    graph = deps.graph
+    params = [i for i, a in enumerate(graph.inputs) if a.role == "param"]
+    out = []
+    for batch in batches:
+        given = inputs(batch) if inputs is not None else batch
+        given = tuple(given) if isinstance(given, (tuple, list)) else (given,)
+        flat_inputs = jax.tree_util.tree_leaves(given)
+        if len(flat_inputs) + len(params) != len(graph.inputs):
+            raise PruneError(f"a calibration batch gives {len(flat_inputs)} input arrays; the model takes "
+                             f"{len(graph.inputs) - len(params)} besides its parameters (use inputs= to pick "
+                             "them out of a batch)")
+        rest = iter(flat_inputs)
+        out.append(([leaves[i] if a.role == "param" else next(rest) for i, a in enumerate(graph.inputs)], batch))
+    return out
+
+
+def _key(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _flat_params(params) -> dict:
+    return {_key(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _unflat_params(like, flat: dict, graph, path):
+    leaves_with_paths, tree = jax.tree_util.tree_flatten_with_path(like)
+    keys = [_key(p) for p, _ in leaves_with_paths]
+    missing = [k for k in keys if k not in flat]
+    if missing:
+        raise PruneError(f"{path} lacks parameters {', '.join(missing[:5])}: it was saved from another model")
+    return jax.tree_util.tree_unflatten(tree, [flat[k] for k in keys])
