@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,40 +36,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graphopt  # noqa: E402
 from graphopt.quant import Calibration, Rule  # noqa: E402
 from graphopt.quant.train import fake_quantized  # noqa: E402
 from graphopt.train import distill  # noqa: E402
+from measure import machine_info, nbytes, print_tables, ratio_text, speed_ratio  # noqa: E402
 from zoo import charlm, digits  # noqa: E402
-
-
-# --- timing --------------------------------------------------------------------------------------
-
-def speed_ratio(fn, baseline, repeats: int) -> dict:
-    """Median and p10–p90 of fn time / baseline time over interleaved pairs (each call blocked on)."""
-    for f in (fn, baseline):
-        jax.block_until_ready(f())
-    ratios, times = [], []
-    for i in range(repeats):
-        pair = []
-        for f in ((fn, baseline) if i % 2 == 0 else (baseline, fn)):
-            start = time.perf_counter()
-            jax.block_until_ready(f())
-            pair.append(time.perf_counter() - start)
-        mine, base = pair if i % 2 == 0 else pair[::-1]
-        ratios.append(mine / base)
-        times.append((mine, base))
-    q = statistics.quantiles(ratios, n=10)
-    return {"ratio": statistics.median(ratios), "p10": q[0], "p90": q[-1],
-            "ms": statistics.median(t[0] for t in times) * 1e3, "baseline_ms": statistics.median(t[1] for t in times) * 1e3}
-
-
-def nbytes(tree) -> int:
-    return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def layer_bytes(qmodel) -> tuple[int, int]:
@@ -192,24 +163,6 @@ def run_decode(width: int, layers: int, repeats: int, log) -> dict:
 
 # --- reporting -----------------------------------------------------------------------------------
 
-def machine_info() -> dict:
-    import subprocess
-
-    try:
-        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        revision = ""
-    device = jax.devices()[0]
-    return {"backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
-            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "jax": jax.__version__, "git": revision, "date": datetime.date.today().isoformat()}
-
-
-def _ratio(s) -> str:
-    return f"{s['ratio']:.2f} ({s['p10']:.2f}–{s['p90']:.2f})"
-
-
 def _forms(forms: dict) -> str:
     return ", ".join(f"{k}×{v}" for k, v in sorted(forms.items()))
 
@@ -220,7 +173,7 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         if model["model"] == "decode":
             head = ["variant", "batch", "bytes run on (vs f32)", "speed vs f32", "speed vs bf16", "forms"]
             rows = [[r["label"], str(r["batch"]), f"{r['run_bytes'] / model['float_bytes']:.2f}×",
-                     _ratio(r["vs_f32"]), _ratio(r["vs_bf16"]) if "vs_bf16" in r else "—", _forms(r["forms"])]
+                     ratio_text(r["vs_f32"]), ratio_text(r["vs_bf16"]) if "vs_bf16" in r else "—", _forms(r["forms"])]
                     for r in model["rows"]]
             title = (f"decode-style MLP stack ({model['layers']} × {model['width']} → {4 * model['width']} → "
                      f"{model['width']}, {model['float_bytes'] / 2**20:.0f} MiB f32)")
@@ -237,34 +190,11 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 change = f"{100 * (r['metric'] / model['float'] - 1):+.2f}%"
             rows.append([r["label"], fmt(r["metric"]), change, f"{r['stored_bytes'] / model['float_bytes']:.3f}×",
                          f"{r['layer_bytes'] / r['layer_float_bytes']:.3f}×",
-                         f"{r['run_bytes'] / model['float_bytes']:.2f}×", _ratio(r["speed"]), _forms(r["forms"])])
+                         f"{r['run_bytes'] / model['float_bytes']:.2f}×", ratio_text(r["speed"]), _forms(r["forms"])])
         title = (f"{model['model']} ({model['float_bytes'] / 2**10:.0f} KiB f32 parameters, trained in "
                  f"{model['train_seconds']:.0f} s)")
         out.append((title, head, rows))
     return out
-
-
-def report(result: dict, markdown: bool) -> None:
-    console = Console(width=200)
-    m = result["machine"]
-    line = (f"{m['device']} ({m['backend']}), JAX {m['jax']}, Python {m['python']}, git {m['git']}, {m['date']}; "
-            f"speed: median (p10–p90) of {result['repeats']} interleaved pairs")
-    for title, head, rows in tables(result):
-        table = Table(*head, title=title, title_justify="left")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-    console.print(line)
-    if markdown:
-        print()
-        for title, head, rows in tables(result):
-            print(f"**{title}**\n")
-            print("| " + " | ".join(head) + " |")
-            print("|" + "---|" * len(head))
-            for row in rows:
-                print("| " + " | ".join(row) + " |")
-            print()
-        print(line)
 
 
 def main(argv=None) -> dict:
@@ -289,7 +219,10 @@ def main(argv=None) -> dict:
     result = {"machine": machine_info(), "repeats": args.repeats, "models": models}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
-    report(result, args.markdown)
+    m = result["machine"]
+    line = (f"{m['device']} ({m['backend']}), JAX {m['jax']}, Python {m['python']}, git {m['git']}, {m['date']}; "
+            f"speed: median (p10–p90) of {result['repeats']} interleaved pairs")
+    print_tables(tables(result), line, args.markdown)
     return result
 
 

@@ -76,6 +76,19 @@ def channel_index(deps: Dependencies, dim, atom) -> np.ndarray:
     return out
 
 
+def channel_stride(deps: Dependencies, dim, atom) -> int:
+    """How many elements of `dim` lie between consecutive channels of `atom` (1: innermost)."""
+    dim, atom = dim.find(), atom.find()
+    if dim is atom or dim.parts is None:
+        return 1
+    kind, parts = dim.parts
+    for i, part in enumerate(parts):
+        if any(a is atom for a in deps.atoms(part)):
+            inner = 1 if kind == "concat" else int(np.prod([p.size for p in parts[i + 1:]]))
+            return channel_stride(deps, part, atom) * inner
+    return 1
+
+
 def _per_channel(deps: Dependencies, group, value, axis: int, vector: np.ndarray) -> np.ndarray:
     """`vector` (one entry per index along value's axis) summed into the group's channels."""
     index = channel_index(deps, deps.dims[id(value)][axis], group.dim)

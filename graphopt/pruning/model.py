@@ -11,7 +11,10 @@
 The model is traced, its channel dependencies found (`passes/prune/deps.py`), channels scored
 (`importance`: l1, l2, wanda, taylor; `graphopt/pruning/importance.py`) and chosen (`ratio` or
 `flops`, local or global, `multiple`, `rules`; `graphopt/pruning/select.py`), and the graph is
-rebuilt with those channels physically removed (`passes/prune/shrink.py`). `steps=k` prunes in k
+rebuilt with those channels physically removed (`passes/prune/shrink.py`). Widths stay multiples
+of `multiple` elements; `multiple="auto"` (the default) chooses with each of the backend's
+candidates (8, 16, 32 on CPU; 128 on TPU), times the pruned graphs and keeps the fastest, since
+which widths run fast is up to the backend's kernels. `steps=k` prunes in k
 rounds, rescoring the already pruned model each time (with `recover(model) -> params` run after
 each round to fine-tune it, when given). The parameter pytree keeps its structure (same paths),
 so the pruned model trains with any optax loop: `graphopt.lower(pruned.graph)` is an ordinary
@@ -126,7 +129,7 @@ class PrunedModel:
 
 
 def prune(fn: Callable, *args, params_argnums=None, ratio: float | None = None, flops: float | None = None,
-          importance: str = "l2", scope: str = "global", multiple: int = 8, rules: Sequence | dict = (),
+          importance: str = "l2", scope: str = "global", multiple: int | str = "auto", rules: Sequence | dict = (),
           calibration: Iterable | None = None, inputs: Callable | None = None, loss: Callable | None = None,
           steps: int = 1, recover: Callable | None = None, measure: bool = True) -> PrunedModel:
     """Structurally prune `fn(*args)`: remove `ratio` of the channels or `flops` of the FLOPs.
@@ -149,8 +152,8 @@ def prune(fn: Callable, *args, params_argnums=None, ratio: float | None = None, 
         if not deps.groups:
             raise PruneError("nothing in this model can be pruned exactly: "
                              + "; ".join(f"{n}: {r[0]}" for n, _, r in deps.blocked[:8]))
-        keep = _choose(deps, leaves, share(ratio), share(flops), importance, scope, multiple, rules,
-                       _examples(deps, leaves, batches, inputs), loss)
+        keep, chosen, times = _choose(deps, leaves, share(ratio), share(flops), importance, scope, multiple,
+                                      rules, _examples(deps, leaves, batches, inputs), loss)
         graph, slices = shrink(deps, keep)
         leaves = [take(leaf, slices[i]) if i in slices else leaf for i, leaf in enumerate(leaves)]
         for name, index in keep.items():
@@ -161,6 +164,7 @@ def prune(fn: Callable, *args, params_argnums=None, ratio: float | None = None, 
             model = model.with_params(recover(model))
             leaves = list(jax.tree_util.tree_leaves(model.args))
     model.report = build_report(original, graph, analyze(original), kept, measure=measure)
+    model.report.multiple, model.report.multiple_times = chosen, times
     return model
 
 
@@ -210,13 +214,70 @@ def _retrace(source, inputs, param_argnums, keep):
     return graph
 
 
-def _choose(deps: Dependencies, leaves, ratio, flops, method, scope, multiple, rules, batches, loss) -> dict:
+def _choose(deps: Dependencies, leaves, ratio, flops, method, scope, multiple, rules, batches, loss) -> tuple:
+    """(kept channels per group, the width multiple used, {multiple: measured seconds} if measured)."""
     scores = _importance.scores(deps, leaves, method, batches=batches, loss=loss)
     selection = Selection(sizes={g.name: g.size for g in deps.groups},
                           paths={g.name: [a.path for a, _ in g.params] for g in deps.groups},
                           flops_rows=flops_weights(deps) if flops is not None else None,
-                          names=[g.name for g in deps.groups])
-    return selection.choose(scores, ratio=ratio, flops=flops, scope=scope, multiple=multiple, rules=rules)
+                          names=[g.name for g in deps.groups],
+                          strides={g.name: _stride(deps, g) for g in deps.groups})
+    choose = lambda m: selection.choose(scores, ratio=ratio, flops=flops, scope=scope, multiple=m,  # noqa: E731
+                                        rules=rules)
+    if multiple != "auto":
+        return choose(multiple), multiple, {}
+    return _fastest_multiple(deps, choose)
+
+
+def _fastest_multiple(deps: Dependencies, choose) -> tuple:
+    """Choose with widths in multiples of each of AUTO_MULTIPLES[backend], time each pruned graph,
+    keep the fastest (the smallest multiple unless a larger one is faster by more than 3%): how
+    fast a width runs is the backend's business (XLA:CPU's convolutions ran 56 channels slower
+    than 64 in our measurements), so it is measured, not assumed."""
+    import jax
+
+    from graphopt.implementations import time_graphs
+
+    candidates, graphs, errors = {}, {}, []
+    for m in AUTO_MULTIPLES.get(jax.default_backend(), (8, 16, 32)):
+        try:
+            keep = choose(m)
+        except PruneError as err:  # too coarse for this target
+            errors.append(err)
+            continue
+        if any(_same(keep, other) for other in candidates.values()):
+            continue
+        candidates[m] = keep
+        graphs[m] = shrink(deps, keep)[0]
+    if not candidates:
+        raise errors[0]
+    if len(candidates) == 1:
+        (m, keep), = candidates.items()
+        return keep, m, {}
+    times = {m: t for m, t in time_graphs(graphs).items() if isinstance(t, float)}
+    best = min(times, key=times.get)
+    first = next(iter(times))
+    chosen = best if times[best] < 0.97 * times[first] else first
+    return candidates[chosen], chosen, times
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# Width multiples `multiple="auto"` measures, per backend: SIMD-friendly widths on CPU, tensor-core
+# tiles on GPU, the MXU's 128 lanes on TPU.
+AUTO_MULTIPLES = {"cpu": (8, 16, 32), "gpu": (8, 16, 64), "cuda": (8, 16, 64), "tpu": (128,)}
+
+
+def _stride(deps: Dependencies, group) -> int:
+    """The smallest number of elements between consecutive channels of `group` in any parameter
+    (flattened row-major): 1 for a layer's output channels, head_dim for attention heads."""
+    strides = []
+    for arg, axis in group.params:
+        within = _importance.channel_stride(deps, deps.dims[id(arg)][axis], group.dim)
+        strides.append(within * int(np.prod(arg.type.shape[axis + 1:])))
+    return min(strides)
 
 
 def _examples(deps: Dependencies, leaves, batches, inputs) -> list | None:

@@ -41,6 +41,8 @@ class PruneReport:
     totals: dict                  # "params", "flops", "bytes" -> (before, after)
     blocked: list                 # (name, size, reasons) of parameter dimensions left whole
     speedup: float | None = None  # measured time unpruned / pruned
+    multiple: int | None = None   # the width multiple used (measured among candidates: multiple_times)
+    multiple_times: dict = dataclasses.field(default_factory=dict)
 
     def __rich__(self):
         from rich.console import Group
@@ -64,6 +66,10 @@ class PruneReport:
         line = "total: " + ", ".join(parts)
         if self.speedup is not None:
             line += f"; measured speed {self.speedup:.2f}x"
+        if self.multiple is not None:
+            line += f"; widths in multiples of {self.multiple}"
+            if self.multiple_times:
+                line += " (measured: " + ", ".join(f"{m} → {t * 1e3:.2f} ms" for m, t in self.multiple_times.items()) + ")"
         if self.blocked:
             line += f"; {len(self.blocked)} parameter dimensions left whole (see .blocked)"
         return line

@@ -8,8 +8,9 @@ Targets (one of):
 
 Global ranking compares channels across groups by their score divided by their group's mean
 score (Torch-Pruning's normalization), so a group of large weights is not spared for its scale
-alone. Widths are kept at multiples of `multiple` (8 by default, 128 for TPU tiles): a group
-whose size is not a multiple of it (4 attention heads) is pruned one channel at a time. `rules`
+alone. Widths are kept at multiples of `multiple` (8 by default, 128 for TPU tiles) elements: a
+group whose channels each span a multiple of it already (attention heads of 32 dimensions) is
+pruned one channel at a time, a group smaller than two multiples in halved steps. `rules`
 give per-group overrides by a regex on the group's parameter paths: `(r"head", None)` leaves
 matching groups whole, `(r"mlp", 0.5)` prunes them by exactly that ratio whatever the target.
 No group ever loses every channel: a ratio that would do so is an error naming the group.
@@ -44,6 +45,7 @@ class Selection:
     paths: dict
     flops_rows: list | None = None
     names: list | None = None
+    strides: dict | None = None   # group -> smallest stride between its channels in any parameter
 
     def choose(self, scores: dict, *, ratio: float | None = None, flops: float | None = None,
                scope: str = "global", multiple: int = 8, rules: Sequence = ()) -> dict:
@@ -100,8 +102,15 @@ class Selection:
         return fixed, free
 
     def _unit(self, name: str, multiple: int) -> int:
+        """Channels removed at a time so that every parameter's pruned axis stays a multiple of
+        `multiple` elements: a channel that spans whole rows of `multiple` (an attention head of
+        32 dims) may go alone. Halved until it divides the group's size with more than one unit left."""
         size = self.sizes[name]
-        return multiple if size % multiple == 0 and size > multiple else 1
+        stride = (self.strides or {}).get(name, 1)
+        unit = multiple // math.gcd(multiple, stride)
+        while unit > 1 and (size % unit or size <= unit):
+            unit //= 2
+        return unit
 
     def _removable(self, name: str, ratio: float, multiple: int) -> int:
         """Channels a ratio removes from one group, rounded to whole units; an error if none would remain."""

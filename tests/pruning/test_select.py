@@ -19,12 +19,17 @@ def test_local_ratio_keeps_the_highest_scores_of_every_group():
     assert keep["b"].tolist() == [0, 2, 5, 6]
 
 
-def test_widths_stay_multiples_and_small_groups_go_one_by_one():
-    sel = selection(mlp=64, heads=4)
-    s = {"mlp": np.random.default_rng(0).random(64), "heads": np.array([1.0, 2.0, 3.0, 4.0])}
+def test_widths_stay_multiples_and_wide_channels_go_one_by_one():
+    sel = selection(mlp=64, heads=4, small=32)
+    sel.strides = {"heads": 32}  # a head spans 32 elements of its parameters: any count stays aligned
+    s = {"mlp": np.random.default_rng(0).random(64), "heads": np.array([1.0, 2.0, 3.0, 4.0]),
+         "small": np.arange(32.0)}
     keep = sel.choose(s, ratio=0.3, scope="local", multiple=8)
     assert len(keep["mlp"]) == 48          # 30% of 64 is 19.2 -> 16 removed in steps of 8
     assert keep["heads"].tolist() == [1, 2, 3]  # one head at a time: 30% of 4 is 1.2 -> 1 removed
+    keep = sel.choose(s, ratio=0.5, scope="local", multiple=32)
+    assert len(keep["small"]) == 16         # a group of one multiple goes in halves
+    assert len(keep["mlp"]) == 32
 
 
 def test_global_ratio_ranks_by_normalized_score():
