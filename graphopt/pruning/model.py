@@ -20,6 +20,9 @@ each round to fine-tune it, when given). The parameter pytree keeps its structur
 so the pruned model trains with any optax loop: `graphopt.lower(pruned.graph)` is an ordinary
 JAX function of `(params, inputs...)`.
 
+`evaluate(model) -> float` (optional) scores a model called on its inputs, `model(x)`: the report
+gives it for the unpruned model and the pruned one (after `recover`, when given).
+
 Calibration batches (for wanda and taylor) are the model's non-parameter inputs, one tuple (or
 one array) per batch; `inputs(batch)` extracts them when batches hold more (labels for taylor's
 `loss(outputs, batch)`).
@@ -131,7 +134,8 @@ class PrunedModel:
 def prune(fn: Callable, *args, params_argnums=None, ratio: float | None = None, flops: float | None = None,
           importance: str = "l2", scope: str = "global", multiple: int | str = "auto", rules: Sequence | dict = (),
           calibration: Iterable | None = None, inputs: Callable | None = None, loss: Callable | None = None,
-          steps: int = 1, recover: Callable | None = None, measure: bool = True) -> PrunedModel:
+          steps: int = 1, recover: Callable | None = None, measure: bool = True,
+          evaluate: Callable | None = None) -> PrunedModel:
     """Structurally prune `fn(*args)`: remove `ratio` of the channels or `flops` of the FLOPs.
 
     See the module docstring for the options. The arguments' arrays are read, never modified."""
@@ -165,6 +169,9 @@ def prune(fn: Callable, *args, params_argnums=None, ratio: float | None = None, 
             leaves = list(jax.tree_util.tree_leaves(model.args))
     model.report = build_report(original, graph, analyze(original), kept, measure=measure)
     model.report.multiple, model.report.multiple_times = chosen, times
+    if evaluate is not None:
+        unpruned = lambda *inputs: fn(*PrunedModel(original, args, {}, None).arguments(inputs))  # noqa: E731
+        model.report.metric = (float(evaluate(unpruned)), float(evaluate(model)))
     return model
 
 

@@ -43,6 +43,7 @@ class PruneReport:
     speedup: float | None = None  # measured time unpruned / pruned
     multiple: int | None = None   # the width multiple used (measured among candidates: multiple_times)
     multiple_times: dict = dataclasses.field(default_factory=dict)
+    metric: tuple | None = None   # evaluate(unpruned), evaluate(pruned), when prune(evaluate=...) was given
 
     def __rich__(self):
         from rich.console import Group
@@ -64,6 +65,8 @@ class PruneReport:
     def summary(self) -> str:
         parts = [f"{key} {_pair(self.totals[key])} ({_fraction(self.totals[key])})" for key in ("params", "flops", "bytes")]
         line = "total: " + ", ".join(parts)
+        if self.metric is not None:
+            line += f"; metric {self.metric[0]:.4g} → {self.metric[1]:.4g}"
         if self.speedup is not None:
             line += f"; measured speed {self.speedup:.2f}x"
         if self.multiple is not None:

@@ -98,15 +98,17 @@ def test_distillation_recovers_the_unpruned_outputs(mlp):
 
 def test_report_lists_groups_layers_and_totals(mlp):
     model, variables, x = mlp
-    pruned = prune(model.apply, variables, x, ratio=0.5, params_argnums=0)
+    error = lambda m: float(jnp.mean(jnp.abs(m(x) - model.apply(variables, x))))  # noqa: E731
+    pruned = prune(model.apply, variables, x, ratio=0.5, params_argnums=0, evaluate=error)
     report = pruned.report
+    assert report.metric[0] == 0.0 and report.metric[1] == pytest.approx(error(pruned))
     assert report.groups == [("params/up/kernel:1", 64, 32)]
     rows = {r.path: r for r in report.layers}
     assert rows["params/up/kernel"].params == (1024, 512) and rows["params/skip/kernel"].params == (64, 64)
     assert rows["params/down/kernel"].flops == (2 * 8 * 64 * 4, 2 * 8 * 32 * 4)
     assert report.speedup is not None and report.speedup > 0
     text = str(report)
-    assert "params/up/kernel:1" in text and "64 → 32" in text and "measured speed" in text
+    assert "params/up/kernel:1" in text and "64 → 32" in text and "measured speed" in text and "metric 0 →" in text
 
 
 def test_models_that_cannot_be_pruned_say_why():
@@ -128,3 +130,24 @@ def test_calibrated_importances_run_through_prune(mlp):
     with pytest.raises(PruneError, match="calibration batch gives 2 input arrays"):
         prune(model.apply, variables, x, ratio=0.5, importance="wanda", calibration=batches,
               params_argnums=0, measure=False)
+
+
+def test_the_pruned_graph_runs_through_the_inference_pipeline(mlp):
+    model, variables, x = mlp
+    pruned = prune(model.apply, variables, x, ratio=0.5, params_argnums=0, measure=False)
+    optimized = graphopt.run_pipeline(pruned.graph, "inference").graph
+    args = graphopt.prepare(optimized, *pruned.arguments((x,)))
+    np.testing.assert_allclose(jax.jit(graphopt.lower(optimized))(*args), pruned(x), rtol=1e-5, atol=1e-6)
+
+
+def test_load_takes_abstract_arguments(mlp, tmp_path):
+    model, variables, x = mlp
+    pruned = prune(model.apply, variables, x, ratio=0.5, params_argnums=0, measure=False)
+    pruned.save(tmp_path / "m.safetensors")
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x)
+    loaded = load(tmp_path / "m.safetensors", model.apply, abstract, x, params_argnums=0)
+    np.testing.assert_array_equal(loaded(x), pruned(x))
+    other = MLP()
+    wide = jax.eval_shape(other.init, jax.random.key(0), jnp.ones((8, 32)))
+    with pytest.raises(PruneError, match="saved from another model"):
+        load(tmp_path / "m.safetensors", other.apply, wide, jnp.ones((8, 32)), params_argnums=0)
