@@ -7,7 +7,7 @@ without per-model configuration:
     x @ W1 (+ b1) -> gelu -> @ W2        W1 axis 1 ~ b1 axis 0 ~ hidden axis ~ W2 axis 0
     x + attn(x) + mlp(x)                 residual adds: the operands' axes are one dimension
     reshape [B,T,H*D] -> [B,T,H,D]       H*D = H x D (a product of two dimensions)
-    concatenate / slice                  the axis is a concatenation of segments (qkv splits)
+    concatenate / slice / split          the axis is a concatenation of segments (qkv splits)
     repeat KV heads for GQA              query heads = KV heads x group (a broadcast dimension)
 
 A *group* is an atomic dimension (not itself a product or concatenation) whose channels reach the
@@ -36,7 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
-from graphopt.cost import ELEMENTWISE
+from graphopt.cost import ELEMENTWISE, REDUCTIONS, node_flops
 from graphopt.errors import GraphoptError
 
 
@@ -88,7 +88,7 @@ def unify(a: Dim, b: Dim, where: str = "") -> Dim:
     elif b.parts is not None:
         (kind_a, dims_a), (kind_b, dims_b) = a.parts, b.parts
         if kind_a != kind_b or [d.size for d in dims_a] != [d.size for d in dims_b]:
-            block(a, f"it is split two ways ({_split(a.parts)} and {_split(b.parts)}) {where}")
+            block(a, f"it is split two ways ({_spelled(a.parts)} and {_spelled(b.parts)}) {where}")
         else:
             for x, y in zip(dims_a, dims_b):
                 unify(x, y, where)
@@ -104,15 +104,15 @@ def block(dim: Dim, reason: str) -> None:
 
 def decompose(dim: Dim, kind: str, parts: list[Dim], where: str = "") -> None:
     """State that `dim` is the product (or concatenation) of `parts`, outermost first."""
-    if kind == "product":
-        parts = [p for p in parts if p.size != 1]
+    # Unit factors and empty segments carry no channels (and would let a dimension contain itself).
+    parts = [p for p in parts if p.size != (1 if kind == "product" else 0)]
     if len(parts) == 1:
         unify(dim, parts[0], where)
     elif parts:
         unify(dim, Dim(dim.size, (kind, parts)), where)
 
 
-def _split(parts) -> str:
+def _spelled(parts) -> str:
     kind, dims = parts
     return ("x" if kind == "product" else "+").join(str(d.size) for d in dims)
 
@@ -158,6 +158,26 @@ class Dependencies:
         why = f" It is blocked: {reasons[0]}." if reasons else ""
         raise PruneError(f"no prunable group named {name!r}.{why} Prunable groups: {known}.")
 
+    def resolve(self, keep: dict) -> dict[Group, np.ndarray]:
+        """{group: its kept channels, sorted} for `keep` = {group name: kept channel indices},
+        checked: every name a prunable group, integer indices in range, at least one kept."""
+        out = {}
+        for name, index in keep.items():
+            group = self.group(name)
+            index = np.asarray(sorted(index) if isinstance(index, (set, frozenset)) else index)
+            if index.size == 0:
+                raise PruneError(f"pruning would remove every channel of {group.describe()}; "
+                                 "keep at least one")
+            if not np.issubdtype(index.dtype, np.integer):
+                raise PruneError(f"kept channels of {group.name} must be integer indices, got {index.dtype} "
+                                 "(for a boolean mask, pass np.flatnonzero(mask))")
+            index = np.unique(index.astype(np.int64))
+            if index[0] < 0 or index[-1] >= group.size:
+                raise PruneError(f"kept channels of {group.name} must lie in [0, {group.size}), "
+                                 f"got {index.tolist()}")
+            out[group] = index
+        return out
+
     def kept(self, dim: Dim, keep: dict) -> np.ndarray:
         """Indices along a dimension that survive when each group keeps `keep[group.dim]`."""
         dim = dim.find()
@@ -187,6 +207,9 @@ class Dependencies:
 
 def analyze(graph) -> Dependencies:
     """Group the coupled dimensions of `graph` (see the module docstring)."""
+    if graph.prep is not None:  # its parameters are not the user's: shrinking them would drop prep
+        raise PruneError("this graph's parameters are computed from the model's by a prep graph "
+                         "(fold_params ran): prune the traced graph, before fold_params")
     dims: dict[int, list[Dim]] = {}
     for arg in graph.inputs:
         dims[id(arg)] = [Dim(n) for n in arg.type.shape]
@@ -308,6 +331,11 @@ def _block_all(node, dims, reason: str) -> None:
     for value in (*node.inputs, *node.outputs):
         for d in dims[id(value)]:
             block(d, reason)
+    for region in node.regions:  # a loop or branch body: kept as it is, but shrink copies it
+        for value in _all_values(region):
+            dims[id(value)] = [Dim(n) for n in value.type.shape]
+            for d in dims[id(value)]:
+                block(d, reason)
 
 
 # --- rules: (node, input dims, output dims, all dims) ----------------------------------------------
@@ -354,6 +382,8 @@ def _squeeze(node, ins, outs, dims):
 def _reshape(node, ins, outs, dims):
     if node.params.get("dimensions") is not None:
         return _block_all(node, dims, f"reshape with dimensions {_where(node)}")
+    if node.inputs[0].type.size == 0:  # no element to follow; the factor matching below needs some
+        return _block_all(node, dims, f"a reshape of an empty array {_where(node)}")
     src = [d for d in ins[0] if d.size != 1]
     dst = [d for d in outs[0] if d.size != 1]
     i = j = 0
@@ -473,7 +503,7 @@ def _slice(node, ins, outs, dims):
     strides = p.get("strides") or (1,) * len(ins[0])
     for axis, (a, b) in enumerate(zip(ins[0], outs[0])):
         start, limit = p["start_indices"][axis], p["limit_indices"][axis]
-        if (start, limit) == (0, a.size):
+        if (start, limit, b.size) == (0, a.size, a.size):
             unify(a, b, _where(node))
         elif strides[axis] != 1:
             block(a, f"a strided slice {_where(node)}")
@@ -482,14 +512,29 @@ def _slice(node, ins, outs, dims):
             unify(segment(a, start, limit, _where(node)), b, _where(node))
 
 
+def _split(node, ins, outs, dims):
+    """`jnp.split` (the split primitive): each result is a segment of the input's axis."""
+    axis = node.params["axis"]
+    start = 0
+    for out in outs:
+        for i, (a, b) in enumerate(zip(ins[0], out)):
+            if i != axis:
+                unify(a, b, _where(node))
+        stop = start + out[axis].size
+        unify(segment(ins[0][axis], start, stop, _where(node)), out[axis], _where(node))
+        start = stop
+
+
 def segment(dim: Dim, start: int, stop: int, where: str) -> Dim:
     """The dimension of `dim[start:stop]`, splitting `dim` into a concatenation if needed."""
     root = dim.find()
     if (start, stop) == (0, root.size):
         return root
+    if start == stop:
+        return Dim(0)  # an empty slice holds no channel to tie to anything
     if root.parts is None:
         pieces = [Dim(n) for n in (start, stop - start, root.size - stop)]
-        decompose(root, "concat", [p for p in pieces if p.size], where)
+        decompose(root, "concat", pieces, where)
         return pieces[1]
     kind, parts = root.parts
     offsets = np.cumsum([0] + [p.size for p in parts]).tolist()
@@ -537,6 +582,7 @@ RULES = {
     "reshape": _reshape, "dot_general": _dot_general, "conv_general_dilated": _conv,
     "reduce_window_max": _reduce_window, "reduce_window_min": _reduce_window,
     "reduce_window_sum": _reduce_window, "concatenate": _concatenate, "slice": _slice,
+    "split": _split,
     "custom_jvp_call": _pass_region, "custom_vjp_call": _pass_region, "remat": _pass_region,
     "constant": _constant, "iota": _iota,
     **{name: _reduce for name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
@@ -546,27 +592,75 @@ RULES = {
 }
 
 
-def flops_weights(deps: Dependencies) -> list[tuple[int, list[int]]]:
-    """For each node, (its FLOPs, the indices of the groups its cost scales with): a node's cost
-    is proportional to the kept fraction of every group on its operands' and results' axes."""
-    from graphopt.cost import node_flops
-
+def flops_weights(deps: Dependencies) -> list[tuple[int, list]]:
+    """For each node, (its FLOPs, the sizes of the axes its count multiplies over that hold a
+    group): each size an expression in the groups' kept counts, which `estimate_flops` evaluates:
+    i (group i's count), ("size", n) or ("product" | "concat", [expressions])."""
     index = {id(g.dim): i for i, g in enumerate(deps.groups)}
     rows = []
-    for node in deps.graph.walk():
-        if node.regions:
-            continue  # its body's nodes are counted themselves
+    for node in _flops_nodes(deps.graph):
         flops = node_flops(node)[0]
-        if not flops:
-            continue
-        found = set()
-        for value in (*node.inputs, *node.outputs):
-            for d in deps.dims.get(id(value), ()):
-                found.update(index[id(a)] for a in _atoms(d) if id(a) in index)
-        rows.append((flops, sorted(found)))
+        if flops:
+            axes = [_size_expr(deps.dims[id(v)][axis], index) for v, axis in _iteration_axes(node)]
+            rows.append((flops, [e for e in axes if not _fixed(e)]))
     return rows
 
 
 def estimate_flops(rows, sizes: list[int], kept: list[int]) -> float:
-    """FLOPs when group i keeps kept[i] of sizes[i] channels (exact for products of channels)."""
-    return sum(f * math.prod(kept[i] / sizes[i] for i in groups) for f, groups in rows)
+    """FLOPs when group i keeps kept[i] of sizes[i] channels: each node's count scaled by how
+    much each of its axes shrinks (exact for the elementwise ops, reductions and contractions
+    whose counts `graphopt.cost` gives)."""
+    return sum(f * math.prod(_count(e, kept) / _count(e, sizes) for e in axes) for f, axes in rows)
+
+
+def _flops_nodes(graph):
+    """The nodes whose FLOPs make up the graph's: a call's body instead of the call (pruning
+    reaches into it); a loop or branch as a whole (its count is not its body's, and fixed)."""
+    for node in graph.nodes:
+        if RULES.get(node.op.name) is _pass_region:
+            yield from _flops_nodes(node.regions[0])
+        else:
+            yield node
+
+
+def _iteration_axes(node) -> list[tuple]:
+    """(value, axis) for each axis the node's FLOP count (`graphopt.cost.node_flops`) multiplies."""
+    name, out = node.op.name, node.outputs[0]
+    if name == "dot_general":
+        (lhs_contract, _), _ = node.params["dimension_numbers"]
+        return [(out, a) for a in range(out.type.ndim)] + [(node.inputs[0], a) for a in lhs_contract]
+    if name == "conv_general_dilated":
+        rhs = node.inputs[1]
+        out_feature = node.params["dimension_numbers"][1][0]
+        return [(out, a) for a in range(out.type.ndim)] + [(rhs, a) for a in range(rhs.type.ndim)
+                                                            if a != out_feature]
+    if name in REDUCTIONS:
+        return [(node.inputs[0], a) for a in range(node.inputs[0].type.ndim)]
+    if name in ELEMENTWISE:
+        return [(out, a) for a in range(out.type.ndim)]
+    return []  # a loop or branch: no group reaches into it
+
+
+def _size_expr(dim: Dim, index: dict):
+    dim = dim.find()
+    if id(dim) in index:
+        return index[id(dim)]
+    if dim.parts is None:
+        return ("size", dim.size)
+    kind, parts = dim.parts
+    exprs = [_size_expr(p, index) for p in parts]
+    return ("size", dim.size) if all(map(_fixed, exprs)) else (kind, exprs)
+
+
+def _fixed(expr) -> bool:
+    return isinstance(expr, tuple) and expr[0] == "size"
+
+
+def _count(expr, counts: list[int]) -> int:
+    if isinstance(expr, int):
+        return counts[expr]
+    kind, arg = expr
+    if kind == "size":
+        return arg
+    found = [_count(e, counts) for e in arg]
+    return math.prod(found) if kind == "product" else sum(found)

@@ -2,8 +2,9 @@
 
 Given the kept channels of some groups (`passes/prune/deps.py`), every value's shape shrinks along
 the axes that hold those groups; parameters become smaller graph inputs (same paths), constants
-are sliced, and ops whose params spell out a shape (reshape, broadcast_in_dim, iota, slice,
-depthwise convolutions) get the new one. A custom-derivative call (`jax.nn.relu`) whose shapes
+are sliced, and ops whose params spell out a shape (reshape, broadcast_in_dim, iota, slice, split,
+depthwise convolutions) get the new one; nodes whose types do not change (loops the analysis
+blocked, opaque ops) are copied as they are. A custom-derivative call (`jax.nn.relu`) whose shapes
 change is inlined: its derivative rule was traced for the old shapes, so the pruned graph is
 differentiated through the primal body (the same derivative except at ties such as relu's 0). Each rebuilt node's type comes from its shape rule as
 always, and is checked against the expected shape, so a dependency the analysis missed is an
@@ -38,19 +39,10 @@ from graphopt.types import TensorType
 def shrink(deps: Dependencies, keep: dict) -> tuple[Graph, dict]:
     """The graph with only the `keep[name]` channels (sorted indices) of each named group, and
     `{input index: [(axis, kept indices), ...]}` saying how each shrunk input is sliced."""
-    graph = deps.graph
-    keep_by_dim = {}
-    for name, index in keep.items():
-        group = deps.group(name)
-        index = np.unique(np.asarray(index, np.int64))
-        if index.size == 0:
-            raise PruneError(f"pruning would remove every channel of {group.describe()}; keep at least one")
-        if index[0] < 0 or index[-1] >= group.size:
-            raise PruneError(f"kept channels of {group.name} must lie in [0, {group.size}), got {index.tolist()}")
-        if index.size < group.size:
-            keep_by_dim[id(group.dim)] = index
+    keep_by_dim = {id(group.dim): index for group, index in deps.resolve(keep).items()
+                   if index.size < group.size}
     with gc_paused():
-        return _Shrinker(deps, keep_by_dim).run(graph)
+        return _Shrinker(deps, keep_by_dim).run(deps.graph)
 
 
 def take(array, slices) -> np.ndarray:
@@ -97,13 +89,18 @@ class _Shrinker:
         for node in graph.nodes:
             inputs = [self.map[id(v)] for v in node.inputs]
             expected = [self.new_type(v) for v in node.outputs]
-            if node.op.name in _CUSTOM_DERIVATIVES and self.changes(node):
+            same = not self.changes(node)
+            if node.op.name in _CUSTOM_DERIVATIVES and not same:
                 self.inline(node, inputs, new)
                 continue
             params = self.params(node, expected)
             regions = [self.region(r) for r in node.regions]
+            # A node pruning leaves alone is copied with its types and effects (an opaque op has
+            # no shape rule); a changed one gets its types from its shape rule, checked below.
             try:
-                built = new.add_node(node.op, inputs, params, regions, node.provenance.derived("prune"))
+                built = new.add_node(node.op, inputs, params, regions, node.provenance.derived("prune"),
+                                     _types=[v.type for v in node.outputs] if same else None,
+                                     _effects=node.effects if same else None)
             except GraphError as err:
                 raise PruneError(f"pruning cannot rebuild {node.describe()}: {err}") from err
             for old, value, want in zip(node.outputs, built.outputs, expected):
@@ -153,6 +150,8 @@ class _Shrinker:
             start = [_count_below(k, s) for k, s in zip(kept, p["start_indices"])]
             limit = [_count_below(k, s) for k, s in zip(kept, p["limit_indices"])]
             return {**p, "start_indices": tuple(start), "limit_indices": tuple(limit)}
+        if name == "split":
+            return {**p, "sizes": tuple(t.shape[p["axis"]] for t in expected)}
         if name == "conv_general_dilated" and p["feature_group_count"] > 1:
             lhs_spec = p["dimension_numbers"][0]
             return {**p, "feature_group_count": self.new_type(node.inputs[0]).shape[lhs_spec[1]]}
