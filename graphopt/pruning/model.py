@@ -20,6 +20,10 @@ each round to fine-tune it, when given). The parameter pytree keeps its structur
 so the pruned model trains with any optax loop: `graphopt.lower(pruned.graph)` is an ordinary
 JAX function of `(params, inputs...)`.
 
+`layers=True` lets global ranking remove every channel of a group on a residual branch (an MLP
+or attention block whose output is added to a skip connection): the whole layer goes, the
+residual stream carries on (`passes/prune/residual.py`).
+
 `evaluate(model) -> float` (optional) scores a model called on its inputs, `model(x)`: the report
 gives it for the unpruned model and the pruned one (after `recover`, when given).
 
@@ -135,7 +139,7 @@ def prune(fn: Callable, *args, params_argnums=None, ratio: float | None = None, 
           importance: str = "l2", scope: str = "global", multiple: int | str = "auto", rules: Sequence | dict = (),
           calibration: Iterable | None = None, inputs: Callable | None = None, loss: Callable | None = None,
           steps: int = 1, recover: Callable | None = None, measure: bool = True,
-          evaluate: Callable | None = None) -> PrunedModel:
+          evaluate: Callable | None = None, layers: bool = False, normalize: bool = True) -> PrunedModel:
     """Structurally prune `fn(*args)`: remove `ratio` of the channels or `flops` of the FLOPs.
 
     See the module docstring for the options. The arguments' arrays are read, never modified."""
@@ -157,7 +161,7 @@ def prune(fn: Callable, *args, params_argnums=None, ratio: float | None = None, 
             raise PruneError("nothing in this model can be pruned exactly: "
                              + "; ".join(f"{n}: {r[0]}" for n, _, r in deps.blocked[:8]))
         keep, chosen, times = _choose(deps, leaves, share(ratio), share(flops), importance, scope, multiple,
-                                      rules, _examples(deps, leaves, batches, inputs), loss)
+                                      rules, _examples(deps, leaves, batches, inputs), loss, layers, normalize)
         graph, slices = shrink(deps, keep)
         leaves = [take(leaf, slices[i]) if i in slices else leaf for i, leaf in enumerate(leaves)]
         for name, index in keep.items():
@@ -221,16 +225,18 @@ def _retrace(source, inputs, param_argnums, keep):
     return graph
 
 
-def _choose(deps: Dependencies, leaves, ratio, flops, method, scope, multiple, rules, batches, loss) -> tuple:
+def _choose(deps: Dependencies, leaves, ratio, flops, method, scope, multiple, rules, batches, loss,
+            layers: bool, normalize: bool) -> tuple:
     """(kept channels per group, the width multiple used, {multiple: measured seconds} if measured)."""
     scores = _importance.scores(deps, leaves, method, batches=batches, loss=loss)
     selection = Selection(sizes={g.name: g.size for g in deps.groups},
                           paths={g.name: [a.path for a, _ in g.params] for g in deps.groups},
                           flops_rows=flops_weights(deps) if flops is not None else None,
                           names=[g.name for g in deps.groups],
-                          strides={g.name: _stride(deps, g) for g in deps.groups})
+                          strides={g.name: _stride(deps, g) for g in deps.groups},
+                          removable=frozenset(g.name for g in deps.groups if g.removable and layers))
     choose = lambda m: selection.choose(scores, ratio=ratio, flops=flops, scope=scope, multiple=m,  # noqa: E731
-                                        rules=rules)
+                                        rules=rules, normalize=normalize)
     if multiple != "auto":
         return choose(multiple), multiple, {}
     return _fastest_multiple(deps, choose)

@@ -53,7 +53,7 @@ class PruneReport:
         for col in ("group", "channels"):
             groups.add_column(col)
         for name, before, after in self.groups:
-            groups.add_row(name, f"{before} → {after}")
+            groups.add_row(name, f"{before} → {after}" if after else f"{before} → 0 (layer removed)")
         layers = Table(title="layers", title_justify="left")
         for col in ("layer", "shape", "params", "FLOPs", "bytes"):
             layers.add_column(col, justify="left" if col in ("layer", "shape") else "right")

@@ -8,12 +8,15 @@ Targets (one of):
 
 Global ranking compares channels across groups by their score divided by their group's mean
 score (Torch-Pruning's normalization), so a group of large weights is not spared for its scale
-alone. Widths are kept at multiples of `multiple` (8 by default, 128 for TPU tiles) elements: a
+alone; `normalize=False` ranks the raw scores (comparable across layers for wanda and taylor,
+which measure a channel's effect on the outputs: what removing a whole layer needs). Widths are kept at multiples of `multiple` (8 by default, 128 for TPU tiles) elements: a
 group whose channels each span a multiple of it already (attention heads of 32 dimensions) is
 pruned one channel at a time, a group smaller than two multiples in halved steps. `rules`
 give per-group overrides by a regex on the group's parameter paths: `(r"head", None)` leaves
 matching groups whole, `(r"mlp", 0.5)` prunes them by exactly that ratio whatever the target.
-No group ever loses every channel: a ratio that would do so is an error naming the group.
+No group loses every channel (a ratio that would do so is an error naming the group), except,
+under global ranking, the groups in `removable`: layers on a residual branch, removed whole
+(`passes/prune/residual.py`) when the user allows it.
 
 Example:
     >>> s = {"a": np.array([1.0, 5.0, 3.0, 2.0]), "b": np.array([4.0, 4.0])}
@@ -46,9 +49,10 @@ class Selection:
     flops_rows: list | None = None
     names: list | None = None
     strides: dict | None = None   # group -> smallest stride between its channels in any parameter
+    removable: frozenset = frozenset()  # groups that may lose every channel (whole residual layers)
 
     def choose(self, scores: dict, *, ratio: float | None = None, flops: float | None = None,
-               scope: str = "global", multiple: int = 8, rules: Sequence = ()) -> dict:
+               scope: str = "global", multiple: int = 8, rules: Sequence = (), normalize: bool = True) -> dict:
         """{group: sorted kept indices} (only groups that lose channels)."""
         if (ratio is None) == (flops is None):
             raise PruneError("give exactly one target: ratio= (of channels) or flops= (fraction of FLOPs to remove)")
@@ -65,13 +69,13 @@ class Selection:
             counts.update({n: self.sizes[n] - self._removable(n, ratio, multiple) for n in free})
         elif ratio is not None:
             total = sum(self.sizes[n] for n in free)
-            counts.update(self._global(scores, free, multiple, counts,
+            counts.update(self._global(scores, free, multiple, counts, normalize,
                                        lambda c: sum(self.sizes[n] - c[n] for n in free) >= ratio * total))
         elif scope == "local":
             counts.update(self._uniform_for_flops(free, flops, multiple, counts))
         else:
             goal = (1 - flops) * self._flops({})
-            counts.update(self._global(scores, free, multiple, counts, lambda c: self._flops(c) <= goal))
+            counts.update(self._global(scores, free, multiple, counts, normalize, lambda c: self._flops(c) <= goal))
         return {name: np.sort(np.argsort(-scores[name], kind="stable")[:count])
                 for name, count in counts.items() if count < self.sizes[name]}
 
@@ -122,13 +126,13 @@ class Selection:
                              f"rule ({name!r}, None)")
         return removed
 
-    def _global(self, scores, free, multiple, fixed_counts, done) -> dict:
+    def _global(self, scores, free, multiple, fixed_counts, normalize, done) -> dict:
         """Remove the lowest normalized-score units across `free` groups until `done(counts)`."""
         counts = {**fixed_counts, **{n: self.sizes[n] for n in free}}
         order, heap = {}, []
         for name in free:
             s = np.asarray(scores[name], np.float64)
-            mean = s.mean() if s.size and s.mean() > 0 else 1.0
+            mean = s.mean() if normalize and s.size and s.mean() > 0 else 1.0
             order[name] = (np.argsort(s, kind="stable"), s / mean)
             self._push(heap, name, order, counts, multiple)
         while heap and not done(counts):
@@ -143,7 +147,7 @@ class Selection:
     def _push(self, heap, name, order, counts, multiple) -> None:
         unit = self._unit(name, multiple)
         removed = self.sizes[name] - counts[name]
-        if counts[name] - unit >= 1:
+        if counts[name] - unit >= (0 if name in self.removable else 1):
             ranked, normalized = order[name]
             heapq.heappush(heap, (float(normalized[ranked[removed:removed + unit]].mean()), name))
 

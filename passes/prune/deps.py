@@ -131,6 +131,7 @@ class Group:
     members: list
     params: list
     exits: list
+    removable: bool = False       # on a residual branch: may lose every channel (passes/prune/residual.py)
 
     def describe(self) -> str:
         paths = ", ".join(dict.fromkeys(f"{a.path}:{axis}" for a, axis in self.params)) or "no parameters"
@@ -160,14 +161,18 @@ class Dependencies:
 
     def resolve(self, keep: dict) -> dict[Group, np.ndarray]:
         """{group: its kept channels, sorted} for `keep` = {group name: kept channel indices},
-        checked: every name a prunable group, integer indices in range, at least one kept."""
+        checked: every name a prunable group, integer indices in range, at least one kept (none:
+        only for a removable group, a layer on a residual branch)."""
         out = {}
         for name, index in keep.items():
             group = self.group(name)
             index = np.asarray(sorted(index) if isinstance(index, (set, frozenset)) else index)
+            if index.size == 0 and not group.removable:
+                raise PruneError(f"pruning would remove every channel of {group.describe()}; keep at least "
+                                 "one (only a layer on a residual branch can be removed whole)")
             if index.size == 0:
-                raise PruneError(f"pruning would remove every channel of {group.describe()}; "
-                                 "keep at least one")
+                out[group] = np.zeros(0, np.int64)
+                continue
             if not np.issubdtype(index.dtype, np.integer):
                 raise PruneError(f"kept channels of {group.name} must be integer indices, got {index.dtype} "
                                  "(for a boolean mask, pass np.flatnonzero(mask))")
@@ -220,7 +225,13 @@ def analyze(graph) -> Dependencies:
     for value in graph.outputs:
         for d in dims[id(value)]:
             block(d, "it reaches a model output")
-    return _collect(graph, dims)
+    deps = _collect(graph, dims)
+    from graphopt.passes.prune.residual import removable_groups
+
+    removable = removable_groups(deps)
+    for group in deps.groups:
+        group.removable = group.name in removable
+    return deps
 
 
 def _analyze_nodes(graph, dims) -> None:

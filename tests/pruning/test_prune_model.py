@@ -151,3 +151,34 @@ def test_load_takes_abstract_arguments(mlp, tmp_path):
     wide = jax.eval_shape(other.init, jax.random.key(0), jnp.ones((8, 32)))
     with pytest.raises(PruneError, match="saved from another model"):
         load(tmp_path / "m.safetensors", other.apply, wide, jnp.ones((8, 32)), params_argnums=0)
+
+
+def test_layers_true_removes_a_weak_residual_block_whole(tmp_path):
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(3):
+                x = x + nn.Dense(16, name=f"down{i}")(nn.relu(nn.Dense(64, name=f"up{i}")(x)))
+            return nn.Dense(4, name="head")(x)
+
+    model, x = Stack(), jax.random.normal(jax.random.key(1), (8, 16))
+    variables = jax.tree.map(np.array, model.init(jax.random.key(0), x))
+    for name in ("up1", "down1"):  # block 1 barely contributes
+        variables["params"][name]["kernel"] *= 1e-3
+    pruned = prune(model.apply, variables, x, flops=0.3, layers=True, normalize=False, multiple=16,
+                   params_argnums=0, measure=False)
+    assert pruned.keep["params/up1/kernel:1"].size == 0
+    assert pruned.params["params"]["up1"]["kernel"].shape == (16, 0)
+    assert "0 (layer removed)" in str(pruned.report)
+    zeroed = jax.tree.map(np.array, variables)
+    zeroed["params"]["down1"]["kernel"][:] = 0
+    for name, index in pruned.keep.items():
+        layer = name.split("/")[1].replace("up", "down")
+        zeroed["params"][layer]["kernel"][np.setdiff1d(np.arange(64), index)] = 0
+    np.testing.assert_allclose(pruned(x), model.apply(zeroed, x), rtol=1e-5, atol=1e-5)
+    pruned.save(tmp_path / "m.safetensors")
+    loaded = load(tmp_path / "m.safetensors", model.apply, variables, x, params_argnums=0)
+    np.testing.assert_array_equal(loaded(x), pruned(x))
+    without = prune(model.apply, variables, x, flops=0.3, normalize=False, multiple=16, params_argnums=0,
+                    measure=False)
+    assert all(index.size for index in without.keep.values())

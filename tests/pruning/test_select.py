@@ -74,3 +74,13 @@ def test_bad_requests_are_clear_errors(kwargs, message):
     sel = selection(mlp=16)
     with pytest.raises(PruneError, match=message):
         sel.choose({"mlp": np.ones(16)}, multiple=8, **kwargs)
+
+
+def test_removable_groups_may_reach_zero_under_raw_global_ranking():
+    sel = selection(weak=16, strong=16)
+    sel.removable = frozenset({"weak"})
+    s = {"weak": np.full(16, 0.01), "strong": np.arange(1.0, 17.0)}
+    keep = sel.choose(s, ratio=0.5, multiple=8, normalize=False)
+    assert keep["weak"].size == 0 and "strong" not in keep
+    keep = sel.choose(s, ratio=0.5, multiple=8)  # normalized: the weak group is no longer weak
+    assert keep["weak"].size == 8
