@@ -61,6 +61,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from graphopt import safetensors_file
 from graphopt.errors import GraphoptError
 from graphopt.frameworks import _is_equinox_module, _is_nnx_module
 from graphopt.quant.layers import find_layers
@@ -137,27 +138,17 @@ class Sparsified:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write parameters, masks (uint8) and metadata to a safetensors file (replaced atomically)."""
-        from safetensors.numpy import save_file
-
         by_path = isinstance(self.params, dict) and set(self.params) == set(self.paths)  # a flat dict
         leaves = [self.params[p] for p in self.paths] if by_path else _tree_of(self.params)[0]
-        tensors, bits = {}, {}
-        for name, leaf in zip(self.paths, leaves):
-            array = np.asarray(jax.device_get(leaf))
-            if array.dtype.name.startswith(("float8", "float4", "int4", "uint4", "int2", "uint2")):
-                bits[name] = array.dtype.name  # safetensors' numpy side cannot hold these: store the bits
-                array = array.view(np.dtype(f"uint{array.dtype.itemsize * 8}"))
-            tensors[name] = np.ascontiguousarray(array) if array.ndim else array
+        tensors = dict(zip(self.paths, leaves))
         for name, mask in self.masks.items():
             if f"{name}:mask" in tensors:
                 raise SparsityError(f"parameter path {name}:mask collides with the mask of {name}; rename it")
             tensors[f"{name}:mask"] = np.ascontiguousarray(mask, dtype=np.uint8)
         report = {"rows": [dataclasses.asdict(r) for r in self.report.rows], "notes": self.report.notes}
-        metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "settings": json.dumps(self.settings),
-                    "paths": json.dumps(self.paths), "bits": json.dumps(bits), "report": json.dumps(report)}
-        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        metadata = {"settings": json.dumps(self.settings), "paths": json.dumps(self.paths),
+                    "report": json.dumps(report)}
+        safetensors_file.write(path, tensors, metadata, format=FORMAT, version=FORMAT_VERSION)
 
     def __repr__(self):
         kept, size = sum(r.kept for r in self.report.rows), sum(r.size for r in self.report.rows)
@@ -238,28 +229,16 @@ def load_sparsified(path: str | os.PathLike, like=None) -> Sparsified:
         >>> loaded.params.tolist(), loaded.masks["w"].tolist()
         ([[0.0, 0.0], [3.0, 4.0]], [[False, False], [True, True]])
     """
-    from safetensors import SafetensorError, safe_open
-
+    arrays, metadata = safetensors_file.read(path, format=FORMAT, version=FORMAT_VERSION,
+                                             what="a graphopt sparse checkpoint", error=SparsityError)
     try:
-        with safe_open(os.fspath(path), "np") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise SparsityError(f"{path}: not a graphopt sparse checkpoint (format {metadata.get('format')!r}, "
-                                    f"expected {FORMAT!r})")
-            if metadata.get("version") != str(FORMAT_VERSION):
-                raise SparsityError(f"{path}: format version {metadata.get('version')!r} is not supported by "
-                                    f"this graphopt (it reads {FORMAT_VERSION}); upgrade graphopt")
-            arrays = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise SparsityError(f"{path}: cannot read a safetensors file: {err}") from err
-    try:
-        paths, bits, report, settings = (json.loads(metadata[k]) for k in ("paths", "bits", "report", "settings"))
+        paths, report, settings = (json.loads(metadata[k]) for k in ("paths", "report", "settings"))
     except (KeyError, ValueError):
         paths = None
     if paths is None or not set(paths) <= set(arrays):
         raise SparsityError(f"{path}: the file lacks parameters or metadata; it was not written by "
                             "Sparsified.save, or was changed since")
-    params = {p: arrays[p].view(jax.numpy.dtype(bits[p])) if p in bits else arrays[p] for p in paths}
+    params = {p: arrays[p] for p in paths}
     masks = {key[:-len(":mask")]: arrays[key].astype(bool) for key in arrays
              if key.endswith(":mask") and key not in params}
     rows = [LayerMask(**{**row, "shape": tuple(row["shape"])}) for row in report["rows"]]

@@ -49,13 +49,15 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import numpy as np
 
+from graphopt import safetensors_file
 from graphopt.passes.prune.deps import Dependencies, PruneError, analyze, flops_weights
 from graphopt.passes.prune.shrink import shrink, take
 from graphopt.pruning import importance as _importance
 from graphopt.pruning.report import PruneReport, build_report
 from graphopt.pruning.select import Selection
 
-FORMAT = "graphopt.pruning/1"
+FORMAT = "graphopt.pruned-params"
+FORMAT_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -127,12 +129,10 @@ class PrunedModel:
 
     def save(self, path) -> None:
         """Write the pruned parameters and the kept channels to a safetensors file."""
-        from safetensors.numpy import save_file
-
         first = self.graph.param_argnums[0]
-        flat = _flat_params(self.args[first])
         keep = {name: np.asarray(index).tolist() for name, index in self.keep.items()}
-        save_file(flat, str(path), metadata={"format": FORMAT, "keep": json.dumps(keep)})
+        safetensors_file.write(path, _flat_params(self.args[first]), {"keep": json.dumps(keep)},
+                               format=FORMAT, version=FORMAT_VERSION)
 
 
 def prune(fn: Callable, *args, params_argnums=None, ratio: float | None = None, flops: float | None = None,
@@ -183,14 +183,9 @@ def load(path, fn: Callable, *args, params_argnums=None) -> PrunedModel:
     """A model saved by `PrunedModel.save`: trace `fn(*args)` (arrays or ShapeDtypeStructs), remove
     the saved channels, and run on the saved parameters."""
     import graphopt
-    from safetensors import safe_open
 
-    with safe_open(str(path), "numpy") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise PruneError(f"{path} is not a pruned model saved by graphopt ({FORMAT}); "
-                             f"its format is {meta.get('format')!r}")
-        flat = {k: f.get_tensor(k) for k in f.keys()}
+    flat, meta = safetensors_file.read(path, format=FORMAT, version=FORMAT_VERSION,
+                                       what="a pruned model saved by graphopt", error=PruneError)
     keep = {name: np.asarray(index, np.int64) for name, index in json.loads(meta["keep"]).items()}
     original = graphopt.trace(fn, *args, params_argnums=params_argnums)
     deps = analyze(original)

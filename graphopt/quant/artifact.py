@@ -34,6 +34,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from graphopt import safetensors_file
 from graphopt.param_derived import param_name
 from graphopt.quant.recipe import Recipe
 from graphopt.quant.scheme import QuantizationError
@@ -113,40 +114,12 @@ def _dequantize(node, arrays):
 
 def write(path: str | os.PathLike, arrays: dict, recipe: Recipe, passes: Sequence[str]) -> None:
     """Write `arrays` and the recipe to a safetensors file at `path` (replaced atomically)."""
-    from safetensors.numpy import save_file
-
-    tensors, bits = {}, {}
-    for key, array in arrays.items():
-        array = np.asarray(jax.device_get(array))
-        if array.dtype.name.startswith("float8"):
-            bits[key] = array.dtype.name
-            array = array.view(np.uint8)
-        tensors[key] = np.ascontiguousarray(array)
-    metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "recipe": recipe.to_json(),
-                "passes": json.dumps(list(passes)), "bits": json.dumps(bits)}
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    safetensors_file.write(path, arrays, {"recipe": recipe.to_json(), "passes": json.dumps(list(passes))},
+                           format=FORMAT, version=FORMAT_VERSION)
 
 
 def read(path: str | os.PathLike) -> tuple[dict, Recipe, list[str]]:
     """(arrays, recipe, pipeline pass names) from a file written by `write`."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(os.fspath(path), "np") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise QuantizationError(f"{path}: not a graphopt quantized model (format "
-                                        f"{metadata.get('format')!r}, expected {FORMAT!r})")
-            if metadata.get("version") != str(FORMAT_VERSION):
-                raise QuantizationError(f"{path}: format version {metadata.get('version')!r} is not supported "
-                                        f"by this graphopt (it reads {FORMAT_VERSION}); upgrade graphopt")
-            bits = json.loads(metadata["bits"])
-            arrays = {}
-            for key in f.keys():
-                array = f.get_tensor(key)
-                arrays[key] = array.view(jax.numpy.dtype(bits[key])) if key in bits else array
-    except (SafetensorError, OSError) as err:
-        raise QuantizationError(f"{path}: cannot read a safetensors file: {err}") from err
+    arrays, metadata = safetensors_file.read(path, format=FORMAT, version=FORMAT_VERSION,
+                                             what="a graphopt quantized model", error=QuantizationError)
     return arrays, Recipe.from_json(metadata["recipe"]), json.loads(metadata["passes"])

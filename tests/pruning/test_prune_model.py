@@ -81,7 +81,7 @@ def test_load_rejects_other_files(mlp, tmp_path):
 
     model, variables, x = mlp
     save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(PruneError, match="not a pruned model"):
+    with pytest.raises(PruneError, match="not a pruned model saved by graphopt"):
         load(tmp_path / "other.safetensors", model.apply, variables, x, params_argnums=0)
 
 
