@@ -182,3 +182,22 @@ def test_layers_true_removes_a_weak_residual_block_whole(tmp_path):
     without = prune(model.apply, variables, x, flops=0.3, normalize=False, multiple=16, params_argnums=0,
                     measure=False)
     assert all(index.size for index in without.keep.values())
+
+
+def test_heads_go_one_at_a_time_and_dimensions_in_multiples():
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.LayerNorm()(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=64, name="attn")(h, h)
+            return x + nn.Dense(32, name="down")(nn.relu(nn.Dense(128, name="up")(x)))
+
+    model, x = Attn(), jax.random.normal(jax.random.key(2), (2, 8, 32))
+    variables = model.init(jax.random.key(0), x)
+    pruned = prune(model.apply, variables, x, ratio=0.3, scope="local", multiple=8, params_argnums=0,
+                   measure=False)
+    sizes = {name: after for name, _, after in pruned.report.groups}
+    assert sizes["params/attn/key/kernel:1"] == 3     # heads span 16 elements each: 30% of 4 -> 1 head
+    assert sizes["params/attn/key/kernel:2"] == 16    # head dims in steps of 8: 30% of 16 -> none
+    assert sizes["params/up/kernel:1"] == 96          # 30% of 128 = 38.4 -> 32 in steps of 8
+    assert pruned(x).shape == x.shape
