@@ -129,6 +129,10 @@ class PrunedModel:
 
     def save(self, path) -> None:
         """Write the pruned parameters and the kept channels to a safetensors file."""
+        if len(self.graph.param_argnums) > 1:
+            raise PruneError("save writes one parameter argument; this model has parameters in arguments "
+                             f"{list(self.graph.param_argnums)}: save them yourself (safetensors or orbax), with .keep "
+                             "(the channels kept per group)")
         first = self.graph.param_argnums[0]
         keep = {name: np.asarray(index).tolist() for name, index in self.keep.items()}
         safetensors_file.write(path, _flat_params(self.args[first]), {"keep": json.dumps(keep)},
