@@ -59,3 +59,73 @@ def test_summary_counts():
     assert summary.flops == 2 * 2 * 4 * 16 + 2 * 16 + 2 * 2 * 16 * 8 + 2 * 8
     text = str(summary)
     assert "dot_general" in text and "FLOPs" in text and "parameters" in text
+
+
+def test_listing_without_decompositions_and_with_a_long_header():
+    from graphopt.pipeline import run_pipeline
+    from graphopt.show import format_graph
+
+    class Norm(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.LayerNorm(name="a_rather_long_module_name_for_the_norm")(x)
+
+    x = jnp.ones((2, 8))
+    variables = Norm().init(jax.random.PRNGKey(0), x)
+    g = run_pipeline(graphopt.trace(Norm().apply, variables, x), ["canonicalize", "raise_ops", "dce"]).graph
+    assert format_graph(g, show_source=False, decompositions=False) == "\n".join([
+        "graph Norm.apply(",
+        "    %params/a_rather_long_module_name_for_the_norm/bias: f32[8] param,",
+        "    %params/a_rather_long_module_name_for_the_norm/scale: f32[8] param,",
+        "    %x: f32[2,8]) {",
+        "  %0 = layer_norm[axes=(1,) epsilon=9.999999974752427e-07 has_bias=True has_scale=True] %x, "
+        "%params/a_rather_long_module_name_for_the_norm/scale, %params/a_rather_long_module_name_for_the_norm/bias "
+        ": f32[2,8]",
+        "  return %0",
+        "}",
+    ])
+    assert "decomposition(" in format_graph(g)
+
+
+def _check_html(text: str) -> list[str]:
+    """Tags balance; returns the text content."""
+    from html.parser import HTMLParser
+
+    class Checker(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack, self.data = [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag != "br":
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.stack and self.stack.pop() == tag, f"unbalanced </{tag}>"
+
+        def handle_data(self, data):
+            self.data.append(data)
+
+    checker = Checker()
+    checker.feed(text)
+    checker.close()
+    assert checker.stack == []
+    assert "<script" not in text and "http" not in text  # self-contained
+    return checker.data
+
+
+def test_html_views():
+    from graphopt.pipeline import run_pipeline
+    from graphopt.show import graph_html, report_html, summary_html
+
+    g = graphopt.trace(lambda x: -(-jnp.tanh(x)) * 2.0, jnp.ones(3))
+    assert g.summary()._repr_html_() == summary_html(g.summary())
+    data = _check_html(summary_html(g.summary()))
+    assert "<lambda>" in data and "tanh" in data and "nodes" in data
+    result = run_pipeline(g, ["canonicalize", "dce"])
+    data = _check_html(report_html(result.report))
+    assert data[:1] == ["graphopt pipeline"] and "canonicalize" in data and "dce" in data
+    assert any("neg-neg" in d for d in data)
+    data = "".join(_check_html(graph_html(result.graph)))
+    assert "graph <lambda>(%x: f32[3]) {" in data and "%0 = tanh %x" in data
+    assert "&lt;lambda&gt;" in graph_html(result.graph)  # escaped
