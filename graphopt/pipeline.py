@@ -220,6 +220,11 @@ class Report:
 
     records: list[PassRecord]
 
+    def _repr_html_(self):
+        from graphopt.show import report_html
+
+        return report_html(self)
+
     def __rich__(self):
         from rich.table import Table
 
