@@ -57,7 +57,7 @@ class Builder:
             op = OPS[op] if op in OPS else primitive_named(op)
         if op.kind == "primitive":  # params the caller leaves out take JAX's defaults
             defaults = _default_params(op, inputs, params)
-            if defaults.keys() - params.keys():
+            if not defaults.keys() <= params.keys():
                 params = {**defaults, **params}
         node = self.graph.add_node(op, inputs, params, provenance=self.provenance, before=self.before)
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
@@ -100,9 +100,10 @@ _DEFAULTS: dict = {}
 def _default_params(op, inputs, given: dict) -> dict:
     """JAX's default params of primitive `op` on operands of these dtypes (learned once per
     dtypes, on scalars: default params do not depend on shapes). For primitives whose lax
-    function needs options (`convert_element_type` its `new_dtype`), learned from a call with the
-    options given, where they are lax's keyword arguments and hashable."""
-    key = (op, tuple((v.type.dtype, v.type.weak_type) for v in inputs))
+    function needs options (reshape its `new_sizes`), learned once per dtypes and options, from a
+    call on these operands with the options given (where they are lax's keyword arguments and
+    hashable)."""
+    key = (op, tuple([(v.type.dtype, v.type.weak_type) for v in inputs]))
     found = _DEFAULTS.get(key)
     if found is None:
         avals = [compat.shaped_array((), dtype, weak) for dtype, weak in key[1]]
@@ -115,6 +116,6 @@ def _default_params(op, inputs, given: dict) -> dict:
     key = (*key, options)
     learned = _DEFAULTS.get(key)
     if learned is None:
-        avals = [compat.shaped_array((), dtype, weak) for dtype, weak in key[1]]
+        avals = [v.type.aval() for v in inputs]
         learned = _DEFAULTS[key] = compat.default_params(op.primitive, avals, given)
     return learned

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 
+from graphopt.ops import CONSTANT
+
 ELEMENTWISE = frozenset("""
 add sub mul div rem pow integer_pow max min neg abs sign floor ceil round nextafter
 exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan atan2 sinh cosh asinh acosh atanh
@@ -33,23 +35,28 @@ cumsum cumprod cummax cummin cumlogsumexp
 
 def node_flops(node) -> tuple[int, bool]:
     """(FLOPs of this node including its regions, whether the count is exact)."""
+    if node.regions:
+        return _region_flops(node, [graph_flops(r) for r in node.regions])
+    return _plain_flops(node), node.op.kind != "opaque"
+
+
+def _plain_flops(node) -> int:
+    """FLOPs of a node without regions (exact unless the op is opaque: counted as 0)."""
     name = node.op.name
     if name == "dot_general":
         (lhs_contract, _), _ = node.params["dimension_numbers"]
         k = math.prod(node.inputs[0].type.shape[d] for d in lhs_contract)
-        return 2 * node.outputs[0].type.size * k, True
+        return 2 * node.outputs[0].type.size * k
     if name == "conv_general_dilated":
         rhs = node.inputs[1].type.shape
         out_feature_dim = node.params["dimension_numbers"].rhs_spec[0]
         per_output = math.prod(rhs) // max(rhs[out_feature_dim], 1)
-        return 2 * node.outputs[0].type.size * per_output, True
+        return 2 * node.outputs[0].type.size * per_output
     if name in ELEMENTWISE:
-        return node.outputs[0].type.size, True
+        return node.outputs[0].type.size
     if name in REDUCTIONS:
-        return node.inputs[0].type.size, True
-    if node.regions:
-        return _region_flops(node, [graph_flops(r) for r in node.regions])
-    return 0, node.op.kind != "opaque"
+        return node.inputs[0].type.size
+    return 0
 
 
 def _region_flops(node, counts: list) -> tuple[int, bool]:
@@ -93,25 +100,30 @@ def graph_stats(graph) -> tuple[int, int, int]:
 
 def _sweep(graph) -> tuple[int, tuple[int, bool], int]:
     """(nodes, (FLOPs, exact), constant bytes) of `graph`, regions included, visiting each node
-    once. A node's FLOPs are cached on it (op, params and types never change), except for region
-    ops, whose regions may have been rewritten: they are summed from the regions' sweeps."""
+    once. A node's FLOPs are cached on it, as an int (op, params and types never change), except
+    for region ops, whose regions may have been rewritten: they are summed from the regions'
+    sweeps."""
     nodes, flops, exact, constant_bytes = len(graph), 0, True, 0
     node = graph._first  # the node list, walked directly: this runs after every pass
     while node is not None:
+        op = node.op
         if node.regions:
             counts = []
             for region in node.regions:
                 n, count, b = _sweep(region)
                 nodes, constant_bytes = nodes + n, constant_bytes + b
                 counts.append(count)
-            cached = node._flops = _region_flops(node, counts)
+            count, count_exact = _region_flops(node, counts)
+            flops += count
+            exact = exact and count_exact
         else:
-            cached = node._flops
-            if cached is None:
-                cached = node._flops = node_flops(node)
-            if node.op.name == "constant":
+            count = node._flops
+            if count is None:
+                count = node._flops = _plain_flops(node)
+            flops += count
+            if op is CONSTANT:
                 constant_bytes += node.outputs[0].type.nbytes
-        flops += cached[0]
-        exact = exact and cached[1]
+            elif op.kind == "opaque":
+                exact = False
         node = node._next
     return nodes, (flops, exact), constant_bytes

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 
 from graphopt import _jax_compat as compat
 from graphopt.errors import GraphError
-from graphopt.ops import CONSTANT, Op, constant_params
+from graphopt.ops import CONSTANT, NO_EFFECTS, Op, constant_params
 from graphopt.types import TensorType
 
 
@@ -267,19 +267,19 @@ class Graph:
         node.regions = tuple(regions)
         node.provenance = provenance or Provenance()
         node.graph = self
-        in_types = [v.type for v in inputs]
         if _types is None:
+            in_types = [v.type for v in inputs]
             try:
-                _types = op.infer(in_types, params, node.regions)
+                _types, effects = op.signature(in_types, params, node.regions)
             except Exception as err:
                 raise GraphError(f"{op.name}: inputs ({', '.join(map(str, in_types))}) are not "
                                  f"accepted: {err}", node) from err
             if _types is None:
                 raise GraphError(f"{op.name} is opaque: its output types must come from a trace", node)
-            _effects = op.effects(in_types, params) if _effects is None else _effects
-        node.effects = frozenset(_effects or ())
-        node._flops = None  # cache of graphopt.cost.node_flops: op, params and types are fixed
-        node.outputs = tuple(Value(t, node, i) for i, t in enumerate(_types))
+            _effects = effects if _effects is None else _effects
+        node.effects = frozenset(_effects) if _effects else NO_EFFECTS
+        node._flops = None  # FLOPs, cached by graphopt.cost: op, params and types are fixed
+        node.outputs = tuple([Value(t, node, i) for i, t in enumerate(_types)])
         for region in node.regions:
             region.parent = node
         for i, value in enumerate(inputs):
@@ -475,13 +475,21 @@ def erase_dead(candidates: Sequence[Node]) -> int:
     stack = list(candidates)
     while stack:
         node = stack.pop()
-        if node.graph is None or node.effects or any(v.uses for v in node.outputs):
+        if node.graph is None or node.effects or is_read(node):
             continue
         producers = [v.node for v in node.inputs if v.node is not None]
         node.graph.erase(node)
         erased += 1
         stack.extend(producers)
     return erased
+
+
+def is_read(node: Node) -> bool:
+    """Whether a node or a graph output reads one of `node`'s outputs."""
+    for value in node.outputs:  # a plain loop: this runs for every candidate of every erasure
+        if value.uses:
+            return True
+    return False
 
 
 class _InsertionPoint:

@@ -30,6 +30,11 @@ from graphopt import _jax_compat as compat
 from graphopt.types import TensorType
 
 
+# The effects of a pure node. Shared: most nodes have none, and an empty frozenset per node would
+# be one more object for the garbage collector to scan.
+NO_EFFECTS: frozenset = frozenset()
+
+
 class Op(abc.ABC):
     """Base class: a name, a kind, and a shape rule."""
 
@@ -43,7 +48,13 @@ class Op(abc.ABC):
         """Output types for these inputs, or None when the op cannot say (opaque ops)."""
 
     def effects(self, in_types: Sequence[TensorType], params: dict) -> frozenset:
-        return frozenset()
+        return NO_EFFECTS
+
+    def signature(self, in_types: Sequence[TensorType], params: dict, regions: Sequence):
+        """(output types, effects) of a node: what `Graph.add_node` asks of an op. The types are
+        None when the op cannot say (opaque ops)."""
+        types = self.infer(in_types, params, regions)
+        return types, (NO_EFFECTS if types is None else self.effects(in_types, params))
 
     def __repr__(self):
         return f"{type(self).__name__}({self.name})"
@@ -59,7 +70,8 @@ class PrimitiveOp(Op):
         self.name = primitive.name
         self._cache: dict = {}
 
-    def _eval(self, in_types, params):
+    def _eval(self, in_types, params) -> tuple[tuple[TensorType, ...], frozenset]:
+        """(output types, effects) from JAX's abstract evaluation."""
         # Unrolled models repeat the same (types, params) many times and JAX's shape rules cost
         # ~20-100 µs each, so results are memoized when the params are hashable.
         key = params_key(params)
@@ -68,7 +80,8 @@ class PrimitiveOp(Op):
             hit = self._cache.get(key)
             if hit is not None:
                 return hit
-        result = compat.abstract_eval(self.primitive, [t.aval() for t in in_types], params)
+        avals, effects = compat.abstract_eval(self.primitive, [t.aval() for t in in_types], params)
+        result = (tuple(TensorType.of_aval(a) for a in avals), frozenset(effects) or NO_EFFECTS)
         if key is not None:
             if len(self._cache) > 4096:
                 self._cache.clear()
@@ -76,10 +89,13 @@ class PrimitiveOp(Op):
         return result
 
     def infer(self, in_types, params, regions):
-        return [TensorType.of_aval(a) for a in self._eval(in_types, params)[0]]
+        return list(self._eval(in_types, params)[0])
 
     def effects(self, in_types, params):
-        return frozenset(self._eval(in_types, params)[1])
+        return self._eval(in_types, params)[1]
+
+    def signature(self, in_types, params, regions):
+        return self._eval(in_types, params)  # one memo lookup for both
 
 
 # Params arrays up to this many elements are keyed by content, larger ones by identity.
@@ -96,10 +112,8 @@ def params_key(params: dict):
     >>> params_key({"c": 0.0}) == params_key({"c": -0.0})
     False
     """
-    try:
-        key = _param_key(params)
-        hash(key)
-        return key
+    try:  # the names are strings: only the values need keying (one call per value)
+        return frozenset([(name, _param_key(value)) for name, value in params.items()])
     except (_Unkeyable, TypeError):
         return None
 
@@ -163,6 +177,9 @@ class OpaqueOp(PrimitiveOp):
     def infer(self, in_types, params, regions):
         return None
 
+    def signature(self, in_types, params, regions):
+        return None, NO_EFFECTS
+
 
 _PRIMITIVE_OPS: dict[Any, PrimitiveOp] = {}
 
@@ -177,6 +194,9 @@ def primitive_op(primitive, *, opaque: bool = False) -> PrimitiveOp:
 
 def primitive_named(name: str) -> PrimitiveOp:
     """The PrimitiveOp for a JAX primitive name ('mul', 'dot_general', ...)."""
+    op = _OPS_BY_NAME.get(name)  # rewrite rules ask by name for every node they build
+    if op is not None:
+        return op
     if not _PRIMITIVES_BY_NAME:
         import jax.lax
 
@@ -186,9 +206,11 @@ def primitive_named(name: str) -> PrimitiveOp:
     primitive = _PRIMITIVES_BY_NAME.get(name)
     if primitive is None:
         raise KeyError(f"no JAX primitive named {name!r}")
-    return primitive_op(primitive)
+    op = _OPS_BY_NAME[name] = primitive_op(primitive)
+    return op
 
 
+_OPS_BY_NAME: dict[str, PrimitiveOp] = {}
 _PRIMITIVES_BY_NAME: dict[str, compat.Primitive] = {}
 
 

@@ -369,32 +369,37 @@ def _rewrite_graph(graph, dispatch, fired, made_by, max_rewrites):
 
 
 def _apply(graph: Graph, rule: Rule, root: Node, captures: dict, made_by) -> list[Node] | None:
+    """Build the replacement, rewire the readers, erase what became dead; returns the nodes worth
+    visiting again (those built and the readers of the replaced values), or None if the rule
+    declined."""
     builder = Builder(graph, before=root, made_by=made_by or rule.name, origin=root.provenance)
-    args = {k: v for k, v in captures.items() if not k.startswith("_")}
+    args = {k: v for k, v in captures.items() if not k.startswith("_")}  # "_root" is private
     result = rule.replacement(builder, **args)
     if result is None:
         builder.discard()
         return None
-    created = builder.created
-    replacements = result if isinstance(result, dict) else {"_root": result}
     pairs = []
-    for name, new in replacements.items():
+    for name, new in result.items() if isinstance(result, dict) else (("_root", result),):
         old = captures.get(name)
-        if old is None:
-            raise GraphError(f"rule {rule.name!r} replaces {name!r}, which its pattern does not capture")
-        if not isinstance(new, Value):
-            raise GraphError(f"rule {rule.name!r} returned {type(new).__name__} for {name!r}, not a Value")
-        if new.type != old.type:
-            builder.discard()
-            raise GraphError(f"rule {rule.name!r} changes the type of {name!r} from {old.type} to "
-                             f"{new.type}; a rewrite must preserve types", root)
+        _check_replacement(rule, name, old, new, builder, root)  # all checked before any rewiring
         pairs.append((old, new))
-    touched = created
+    touched = builder.created
     for old, new in pairs:
-        touched.extend(old.users())
+        touched.extend(node for node, _ in old.uses if node is not None)
         graph.replace_all_uses(old, new)
     erase_dead([old.node for old, _ in pairs if old.node is not None])
     return [n for n in touched if n.graph is graph]  # erased nodes have no graph
+
+
+def _check_replacement(rule, name, old, new, builder, root) -> None:
+    if old is None:
+        raise GraphError(f"rule {rule.name!r} replaces {name!r}, which its pattern does not capture")
+    if not isinstance(new, Value):
+        raise GraphError(f"rule {rule.name!r} returned {type(new).__name__} for {name!r}, not a Value")
+    if new.type != old.type:
+        builder.discard()
+        raise GraphError(f"rule {rule.name!r} changes the type of {name!r} from {old.type} to "
+                         f"{new.type}; a rewrite must preserve types", root)
 
 
 def constant_value(value: Value) -> np.ndarray | None:

@@ -274,11 +274,11 @@ def _retyped_constant(b, c, out):
 
 
 def _splat(b, s, out):
-    return b.jax(jax.lax.broadcast_in_dim, s, shape=out.type.shape, broadcast_dimensions=())
+    return b.op("broadcast_in_dim", s, shape=out.type.shape, broadcast_dimensions=())
 
 
 def _reshape_to(b, x, out):
-    return b.jax(jax.lax.reshape, x, new_sizes=out.type.shape)
+    return b.op("reshape", x, new_sizes=out.type.shape)
 
 
 def _reshape_direct(b, x, out):

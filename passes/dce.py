@@ -15,6 +15,7 @@ Contract: exact.
 
 from __future__ import annotations
 
+from graphopt.ir import is_read
 from graphopt.pipeline import register_pass
 
 
@@ -32,7 +33,7 @@ def _dce(graph) -> int:
     node = graph._last
     while node is not None:
         prev = node._prev
-        if not node.effects and not _read(node):
+        if not node.effects and not is_read(node):
             graph.erase(node)
             removed += 1
         else:
@@ -40,10 +41,3 @@ def _dce(graph) -> int:
                 removed += _dce(region)
         node = prev
     return removed
-
-
-def _read(node) -> bool:
-    for value in node.outputs:
-        if value.uses:
-            return True
-    return False
