@@ -456,6 +456,17 @@ class Graph:
 
         return summarize(self)
 
+    def diff(self, other: "Graph"):
+        """What changed from this graph to `other`, by module path and by pass (`graphopt.diff`)."""
+        from graphopt.diff import diff
+
+        return diff(self, other)
+
+    def _repr_html_(self) -> str:
+        from graphopt.show import graph_html
+
+        return graph_html(self)
+
     # --- checking ------------------------------------------------------------------------------
 
     def verify(self) -> None:

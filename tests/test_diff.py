@@ -106,3 +106,16 @@ def test_html_view():
     after = run_pipeline(before.clone()[0], "default").graph
     html = diff(before, after)._repr_html_()
     assert html.startswith("<div>") and "Block/ln" in html and "layer_norm" in html and "raise_ops" in html
+
+
+def test_graph_diff_and_notebook_views_are_hooked_up():
+    import jax.numpy as jnp
+
+    import graphopt
+
+    g = graphopt.trace(lambda x: jnp.sin(x) / 2.0, jnp.ones(3))
+    before, _ = g.clone()
+    after = graphopt.run_pipeline(g, ["canonicalize", "dce"])
+    d = before.diff(after.graph)
+    assert d.removed and d.added
+    assert "sin" in before._repr_html_() and "<table" in after.report._repr_html_()

@@ -245,12 +245,16 @@ def _fastest_multiple(deps: Dependencies, choose) -> tuple:
     """Choose with widths in multiples of each of AUTO_MULTIPLES[backend], time each pruned graph,
     keep the fastest (the smallest multiple unless a larger one is faster by more than 3%): how
     fast a width runs is the backend's business (XLA:CPU's convolutions ran 56 channels slower
-    than 64 in our measurements), so it is measured, not assumed."""
+    than 64 in our measurements), so it is measured, not assumed. A larger multiple rounds more
+    coarsely; one that would remove more than OVERSHOOT of the model's FLOPs beyond what the
+    smallest multiple removes is not a candidate: the target is the user's, not ours to exceed."""
     import jax
 
+    from graphopt.cost import graph_flops
     from graphopt.implementations import time_graphs
 
     candidates, graphs, errors = {}, {}, []
+    full = graph_flops(deps.graph)[0]
     for m in AUTO_MULTIPLES.get(jax.default_backend(), (8, 16, 32)):
         try:
             keep = choose(m)
@@ -259,8 +263,10 @@ def _fastest_multiple(deps: Dependencies, choose) -> tuple:
             continue
         if any(_same(keep, other) for other in candidates.values()):
             continue
-        candidates[m] = keep
-        graphs[m] = shrink(deps, keep)[0]
+        graph = shrink(deps, keep)[0]
+        if graphs and graph_flops(graph)[0] < graph_flops(next(iter(graphs.values())))[0] - OVERSHOOT * full:
+            continue
+        candidates[m], graphs[m] = keep, graph
     if not candidates:
         raise errors[0]
     if len(candidates) == 1:
@@ -280,6 +286,7 @@ def _same(a: dict, b: dict) -> bool:
 # Width multiples `multiple="auto"` measures, per backend: SIMD-friendly widths on CPU, tensor-core
 # tiles on GPU, the MXU's 128 lanes on TPU.
 AUTO_MULTIPLES = {"cpu": (8, 16, 32), "gpu": (8, 16, 64), "cuda": (8, 16, 64), "tpu": (128,)}
+OVERSHOOT = 0.05
 
 
 def _stride(deps: Dependencies, group) -> int:
