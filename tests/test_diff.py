@@ -1,26 +1,17 @@
 """Graph diffs: nodes paired by what they compute, changes grouped by module path and by pass."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 import graphopt
 from graphopt.diff import TOP_LEVEL, diff
 from graphopt.pipeline import run_pipeline
-
-
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.LayerNorm(name="ln")(x)
-        h = nn.Dense(32, name="up")(h)
-        return x + nn.Dense(16, name="down")(nn.gelu(h))
+from models import blocks
 
 
 def _block_graph():
-    x = jnp.ones((2, 4, 16))
-    variables = Block().init(jax.random.key(0), x)
-    return graphopt.trace(Block().apply, variables, x)
+    fn, args = blocks.make()
+    return graphopt.trace(fn, *args)
 
 
 def test_exact_text_of_a_small_diff():

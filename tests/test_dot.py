@@ -13,17 +13,10 @@ import graphopt
 from graphopt.dot import to_dot
 from graphopt.pipeline import run_pipeline
 from graphopt.show import format_graph
+from models.blocks import Block
 
 _NODE = re.compile(r'^\s*(v\d+) \[label="([^"\\]*(?:\\.[^"\\]*)*)"')
 _EDGE = re.compile(r"^\s*(v\d+) -> (v\d+)")
-
-
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.LayerNorm(name="ln")(x)
-        h = nn.Dense(32, name="up")(h)
-        return x + nn.Dense(16, name="down")(nn.gelu(h))
 
 
 class Scanned(nn.Module):
@@ -130,7 +123,7 @@ def test_decompositions_on_request():
 def test_made_by_pass_nodes_are_shaded_and_tooltips_name_the_origin():
     text = to_dot(_block())
     line = next(line for line in text.splitlines() if "= layer_norm" in line)
-    assert 'fillcolor="#fff2cc"' in line and "Block/ln · test_dot.py:" in line and "by raise_ops/layer-norm" in line
+    assert 'fillcolor="#fff2cc"' in line and "Block/ln · blocks.py:" in line and "by raise_ops/layer-norm" in line
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed (apt-get install graphviz)")
