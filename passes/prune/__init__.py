@@ -1,3 +1,4 @@
 """Structured pruning's graph side: channel dependencies (`deps`), the shrinking rewrite
-(`shrink`) and the masked reference graph (`masked`). The user-facing API (`graphopt.prune`),
-importance scores and recovery are in `graphopt.pruning`."""
+(`shrink`), the masked reference graph (`masked`) and which groups may be removed whole, layers on
+a residual branch (`residual`). The user-facing API (`graphopt.prune`), importance scores and
+recovery are in `graphopt.pruning`."""
