@@ -2,6 +2,7 @@
 
     graphopt show     MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST] [--summary | --dot] [-o FILE]
     graphopt optimize MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST] [--report] [--summary] [--verify]
+                      [--html FILE]
     graphopt diff     MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST]
     graphopt export   MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST] --platforms tpu,cuda,cpu -o FILE
     graphopt bisect   MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST] [--random-inputs N]
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--summary", action="store_true", help="print the summary table, not the listing")
     optimize.add_argument("--verify", action="store_true", help="validate every pass on the example and "
                           "random inputs; a pass that changes the results is reverted, with a warning")
+    optimize.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report: the graph "
+                          "(search, fold modules, node details), the per-pass table, what changed")
     _output_options(optimize)
 
     diff = command("diff", "show what a pipeline changes in a model, by module path and by pass",
@@ -240,14 +243,24 @@ def _show(args) -> int:
 
 
 def _optimize(args) -> int:
-    graph, report = _load_and_run(args, verify=args.verify)
+    model, pipeline = _model_and_pipeline(args)
+    before = _trace(model, args)
+    result = _run(before.clone()[0] if args.html else before, pipeline, args, args.verify, model)
+    graph, report = result.graph, result.report
     from graphopt.show import format_graph
+
+    if args.html:
+        from graphopt.html_report import write_html_report
+
+        write_html_report(args.html, before, graph, report, decompositions=args.decompositions)
 
     parts = [str(graph.summary()) if args.summary else
              format_graph(graph, show_source=not args.no_source, decompositions=args.decompositions)]
     if args.report:
         parts.append(str(report))
     _write(args.output, "\n\n".join(parts))
+    if args.html:
+        print(f"wrote {args.html}", file=sys.stderr)
     return OK
 
 
