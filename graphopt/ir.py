@@ -467,6 +467,11 @@ class Graph:
 
         return graph_html(self)
 
+    def __treescope_repr__(self, path, subtree_renderer):
+        from graphopt.show import treescope_rendering
+
+        return treescope_rendering(self, path, subtree_renderer)
+
     # --- checking ------------------------------------------------------------------------------
 
     def verify(self) -> None:

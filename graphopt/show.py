@@ -304,3 +304,27 @@ def diff_html(d) -> str:
         parts.append(_html_table(["pass", "nodes added"], by_pass, numeric={1}) + "<br>")
     parts.append(_html_table(["module", "change"], inputs + rows))
     return "<div>" + "".join(parts) + "</div>"
+
+
+def treescope_rendering(graph, path, subtree_renderer):
+    """The graph for treescope (`Graph.__treescope_repr__`): its inputs, its listing lines grouped
+    by module path (foldable in a notebook), and its outputs. Regions stay under their node."""
+    from treescope import repr_lib
+
+    listing = format_graph(graph, decompositions=False).splitlines()
+    modules: dict[str, list[str]] = {}
+    current = None
+    for line in listing[1:-1]:
+        if line.startswith("  %"):  # a top-level node; deeper lines belong to its regions
+            module = line.split("  # ", 1)[1].split(" · ")[0] if "  # " in line else ""
+            if ":" in module and "/" not in module:
+                module = ""  # only a source line: no module path
+            current = modules.setdefault(module or "(no module)", [])
+        if current is not None and not line.lstrip().startswith("return"):
+            current.append(line.strip())
+    attributes = {"name": graph.name,
+                  "inputs": [f"{a.path or a.index}: {a.type}" + (" param" if a.role == "param" else "")
+                             for a in graph.inputs],
+                  "nodes by module": modules,
+                  "outputs": [str(v.type) for v in graph.outputs]}
+    return repr_lib.render_object_constructor(type(graph), attributes, path, subtree_renderer)

@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import pytest
 
 import graphopt
 
@@ -129,3 +130,14 @@ def test_html_views():
     data = "".join(_check_html(graph_html(result.graph)))
     assert "graph <lambda>(%x: f32[3]) {" in data and "%0 = tanh %x" in data
     assert "&lt;lambda&gt;" in graph_html(result.graph)  # escaped
+
+
+def test_treescope_renders_a_graph_by_module():
+    treescope = pytest.importorskip("treescope")
+    from models import blocks
+
+    fn, args = blocks.make()
+    graph = graphopt.run_pipeline(graphopt.trace(fn, *args), "default").graph
+    text = treescope.render_to_text(graph)
+    assert text.startswith("Graph(") and "nodes by module={'Block/ln': ['%0 = layer_norm" in text
+    assert "'x: f32[2,4,16]'" in text and "Block/down" in text
