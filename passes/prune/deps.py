@@ -18,6 +18,8 @@ graph computes what the unpruned graph computes with those channels zeroed at ev
 for the report, when its channels reach a model output or come from a model input, when a
 reduction other than a contraction runs over it (layer norm statistics, softmax), or when an op
 has no rule for it (gathers, pads, loops, graphopt's fused ops: prune before fusion passes).
+The dimensions are in `passes/prune/dims.py`, the per-op rules in `passes/prune/rules.py`; this
+module forms and names the groups and estimates FLOPs as groups shrink.
 
 Example:
     >>> import graphopt, jax, jax.numpy as jnp
@@ -38,83 +40,12 @@ import numpy as np
 
 from graphopt.cost import ELEMENTWISE, REDUCTIONS, node_flops
 from graphopt.errors import GraphoptError
+from graphopt.passes.prune.dims import Dim, block
+from graphopt.passes.prune.rules import all_values, analyze_nodes, is_call
 
 
 class PruneError(GraphoptError, ValueError):
     """A pruning request that cannot be carried out as asked (it names the group or layer)."""
-
-
-class Dim:
-    """A union-find node: one dimension of `size`, maybe a product or concatenation of others."""
-
-    __slots__ = ("parent", "size", "parts", "blocked", "exits", "serial")
-    _count = 0
-
-    def __init__(self, size: int, parts: tuple | None = None):
-        self.parent = self
-        self.size = size
-        self.parts = parts          # None, ("product", dims) or ("concat", dims), outermost first
-        self.blocked: list[str] = []
-        self.exits: list[tuple] = []  # (node, operand index, axis)
-        Dim._count += 1
-        self.serial = Dim._count
-
-    def find(self) -> "Dim":
-        root = self
-        while root.parent is not root:
-            root = root.parent
-        node = self
-        while node.parent is not root:  # path compression
-            node.parent, node = root, node.parent
-        return root
-
-
-def unify(a: Dim, b: Dim, where: str = "") -> Dim:
-    """Make `a` and `b` one dimension (their parts unified in turn); the root."""
-    a, b = a.find(), b.find()
-    if a is b:
-        return a
-    if a.serial > b.serial:  # the older dimension stays the root: names follow graph order
-        a, b = b, a
-    if a.size != b.size:
-        block(a, f"sizes {a.size} and {b.size} meet {where}")
-        block(b, f"sizes {a.size} and {b.size} meet {where}")
-        return a
-    b.parent = a
-    a.blocked += b.blocked
-    a.exits += b.exits
-    if a.parts is None:
-        a.parts = b.parts
-    elif b.parts is not None:
-        (kind_a, dims_a), (kind_b, dims_b) = a.parts, b.parts
-        if kind_a != kind_b or [d.size for d in dims_a] != [d.size for d in dims_b]:
-            block(a, f"it is split two ways ({_spelled(a.parts)} and {_spelled(b.parts)}) {where}")
-        else:
-            for x, y in zip(dims_a, dims_b):
-                unify(x, y, where)
-    return a
-
-
-def block(dim: Dim, reason: str) -> None:
-    """Mark the dimension (and, when the groups are formed, all its parts) as not prunable."""
-    root = dim.find()
-    if reason not in root.blocked:
-        root.blocked.append(reason)
-
-
-def decompose(dim: Dim, kind: str, parts: list[Dim], where: str = "") -> None:
-    """State that `dim` is the product (or concatenation) of `parts`, outermost first."""
-    # Unit factors and empty segments carry no channels (and would let a dimension contain itself).
-    parts = [p for p in parts if p.size != (1 if kind == "product" else 0)]
-    if len(parts) == 1:
-        unify(dim, parts[0], where)
-    elif parts:
-        unify(dim, Dim(dim.size, (kind, parts)), where)
-
-
-def _spelled(parts) -> str:
-    kind, dims = parts
-    return ("x" if kind == "product" else "+").join(str(d.size) for d in dims)
 
 
 @dataclasses.dataclass(eq=False)
@@ -221,7 +152,7 @@ def analyze(graph) -> Dependencies:
         if arg.role != "param":
             for d in dims[id(arg)]:
                 block(d, f"it comes from model input {arg.path or arg.index}")
-    _analyze_nodes(graph, dims)
+    analyze_nodes(graph, dims)
     for value in graph.outputs:
         for d in dims[id(value)]:
             block(d, "it reaches a model output")
@@ -232,19 +163,6 @@ def analyze(graph) -> Dependencies:
     for group in deps.groups:
         group.removable = group.name in removable
     return deps
-
-
-def _analyze_nodes(graph, dims) -> None:
-    for node in graph.nodes:
-        for value in node.outputs:
-            dims[id(value)] = [Dim(n) for n in value.type.shape]
-        rule = RULES.get(node.op.name)
-        if rule is None and node.op.name in ELEMENTWISE:
-            rule = _elementwise
-        if rule is None:
-            _block_all(node, dims, f"{node.op.name} has no pruning rule ({node.provenance.describe()})")
-        else:
-            rule(node, [dims[id(v)] for v in node.inputs], [dims[id(v)] for v in node.outputs], dims)
 
 
 def _collect(graph, dims) -> Dependencies:
@@ -259,7 +177,7 @@ def _collect(graph, dims) -> Dependencies:
             _block_parts(r, r.blocked)
     members: dict[int, list] = {}
     params: dict[int, list] = {}
-    values = {id(v): v for v in _all_values(graph)}
+    values = {id(v): v for v in all_values(graph)}
     for vid, axes in dims.items():
         value = values[vid]
         for axis, d in enumerate(axes):
@@ -330,279 +248,6 @@ def _block_parts(dim: Dim, reasons) -> None:
             _block_parts(p, reasons)
 
 
-def _all_values(graph):
-    yield from graph.inputs
-    for node in graph.nodes:
-        yield from node.outputs
-        for region in node.regions:
-            yield from _all_values(region)
-
-
-def _block_all(node, dims, reason: str) -> None:
-    for value in (*node.inputs, *node.outputs):
-        for d in dims[id(value)]:
-            block(d, reason)
-    for region in node.regions:  # a loop or branch body: kept as it is, but shrink copies it
-        for value in _all_values(region):
-            dims[id(value)] = [Dim(n) for n in value.type.shape]
-            for d in dims[id(value)]:
-                block(d, reason)
-
-
-# --- rules: (node, input dims, output dims, all dims) ----------------------------------------------
-
-def _where(node) -> str:
-    return f"at {node.op.name} ({node.provenance.describe()})"
-
-
-def _elementwise(node, ins, outs, dims):
-    out = outs[0]
-    for dims_in, value in zip(ins, node.inputs):
-        if len(dims_in) != len(out):
-            continue  # a scalar operand
-        for d_in, d_out in zip(dims_in, out):
-            if d_in.size == d_out.size:
-                unify(d_in, d_out, _where(node))
-    for extra in outs[1:]:
-        for a, b in zip(extra, out):
-            unify(a, b, _where(node))
-
-
-def _identity(node, ins, outs, dims):
-    for a, b in zip(ins[0], outs[0]):
-        unify(a, b, _where(node))
-
-
-def _transpose(node, ins, outs, dims):
-    for out_axis, in_axis in enumerate(node.params["permutation"]):
-        unify(ins[0][in_axis], outs[0][out_axis], _where(node))
-
-
-def _broadcast_in_dim(node, ins, outs, dims):
-    for in_axis, out_axis in enumerate(node.params["broadcast_dimensions"]):
-        if ins[0][in_axis].size == outs[0][out_axis].size:
-            unify(ins[0][in_axis], outs[0][out_axis], _where(node))
-
-
-def _squeeze(node, ins, outs, dims):
-    dropped = {d % len(ins[0]) for d in node.params["dimensions"]}
-    for a, b in zip([d for i, d in enumerate(ins[0]) if i not in dropped], outs[0]):
-        unify(a, b, _where(node))
-
-
-def _reshape(node, ins, outs, dims):
-    if node.params.get("dimensions") is not None:
-        return _block_all(node, dims, f"reshape with dimensions {_where(node)}")
-    if node.inputs[0].type.size == 0:  # no element to follow; the factor matching below needs some
-        return _block_all(node, dims, f"a reshape of an empty array {_where(node)}")
-    src = [d for d in ins[0] if d.size != 1]
-    dst = [d for d in outs[0] if d.size != 1]
-    i = j = 0
-    while i < len(src) and j < len(dst):
-        a, b = [src[i]], [dst[j]]
-        pa, pb = src[i].size, dst[j].size
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb:
-                pa *= src[i].size
-                a.append(src[i])
-                i += 1
-            else:
-                pb *= dst[j].size
-                b.append(dst[j])
-                j += 1
-        if len(a) == 1 and len(b) == 1:
-            unify(a[0], b[0], _where(node))
-        elif len(a) == 1:
-            decompose(a[0], "product", b, _where(node))
-        elif len(b) == 1:
-            decompose(b[0], "product", a, _where(node))
-        else:
-            for d in a + b:
-                block(d, f"a reshape regroups {[x.size for x in a]} as {[x.size for x in b]} {_where(node)}")
-
-
-def _reduce(node, ins, outs, dims):
-    axes = set(node.params["axes"])
-    kept = [d for i, d in enumerate(ins[0]) if i not in axes]
-    for a, b in zip(kept, outs[0]):
-        unify(a, b, _where(node))
-    for axis in axes:
-        block(ins[0][axis], f"{node.op.name} reduces over it {_where(node)}")
-
-
-def _argminmax(node, ins, outs, dims):
-    axes = set(node.params["axes"])
-    for a, b in zip([d for i, d in enumerate(ins[0]) if i not in axes], outs[0]):
-        unify(a, b, _where(node))
-    for axis in axes:
-        block(ins[0][axis], f"{node.op.name} reduces over it {_where(node)}")
-
-
-def _cumulative(node, ins, outs, dims):
-    _identity(node, ins, outs, dims)
-    block(ins[0][node.params["axis"]], f"{node.op.name} accumulates along it {_where(node)}")
-
-
-def _dot_general(node, ins, outs, dims):
-    (lc, rc), (lb, rb) = node.params["dimension_numbers"]
-    lhs, rhs = ins
-    out = iter(outs[0])
-    for a, b in zip(lb, rb):
-        d = next(out)
-        unify(lhs[a], d, _where(node))
-        unify(rhs[b], d, _where(node))
-    for i, d in enumerate(lhs):
-        if i not in lc and i not in lb:
-            unify(d, next(out), _where(node))
-    for i, d in enumerate(rhs):
-        if i not in rc and i not in rb:
-            unify(d, next(out), _where(node))
-    for a, b in zip(lc, rc):
-        root = unify(lhs[a], rhs[b], _where(node))
-        root.exits.append((node, 0, a))
-
-
-def _conv(node, ins, outs, dims):
-    p = node.params
-    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-    lhs, rhs = ins
-    out = outs[0]
-    where = _where(node)
-    if p["batch_group_count"] != 1:
-        return _block_all(node, dims, f"a batch-grouped convolution {where}")
-    unify(lhs[lhs_spec[0]], out[out_spec[0]], where)
-    for d in [lhs[i] for i in lhs_spec[2:]] + [rhs[i] for i in rhs_spec[2:]] + [out[i] for i in out_spec[2:]]:
-        block(d, f"it is a spatial axis of a convolution {where}")
-    groups = p["feature_group_count"]
-    c_in, c_out = lhs[lhs_spec[1]], out[out_spec[1]]
-    k_in, k_out = rhs[rhs_spec[1]], rhs[rhs_spec[0]]
-    unify(k_out, c_out, where)
-    if groups == 1:
-        root = unify(c_in, k_in, where)
-        root.exits.append((node, 0, lhs_spec[1]))
-    elif groups == c_in.size and k_in.size == 1 and c_out.size == c_in.size:
-        unify(c_in, c_out, where)  # depthwise: channel c in, channel c out
-    else:
-        for d in (c_in, c_out, k_in, k_out):
-            block(d, f"a grouped convolution (feature_group_count={groups}) {where}")
-
-
-def _reduce_window(node, ins, outs, dims):
-    p = node.params
-    for axis, (a, b) in enumerate(zip(ins[0], outs[0])):
-        window = (p["window_dimensions"][axis], p["window_strides"][axis], tuple(p["padding"][axis]),
-                  p["base_dilation"][axis], p["window_dilation"][axis])
-        if window == (1, 1, (0, 0), 1, 1):
-            unify(a, b, _where(node))
-        else:
-            block(a, f"{node.op.name} pools over it {_where(node)}")
-            block(b, f"{node.op.name} pools over it {_where(node)}")
-
-
-def _concatenate(node, ins, outs, dims):
-    axis = node.params["dimension"]
-    for i, d in enumerate(outs[0]):
-        if i != axis:
-            for dims_in in ins:
-                unify(dims_in[i], d, _where(node))
-    decompose(outs[0][axis], "concat", [dims_in[axis] for dims_in in ins], _where(node))
-
-
-def _slice(node, ins, outs, dims):
-    p = node.params
-    strides = p.get("strides") or (1,) * len(ins[0])
-    for axis, (a, b) in enumerate(zip(ins[0], outs[0])):
-        start, limit = p["start_indices"][axis], p["limit_indices"][axis]
-        if (start, limit, b.size) == (0, a.size, a.size):
-            unify(a, b, _where(node))
-        elif strides[axis] != 1:
-            block(a, f"a strided slice {_where(node)}")
-            block(b, f"a strided slice {_where(node)}")
-        else:
-            unify(segment(a, start, limit, _where(node)), b, _where(node))
-
-
-def _split(node, ins, outs, dims):
-    """`jnp.split` (the split primitive): each result is a segment of the input's axis."""
-    axis = node.params["axis"]
-    start = 0
-    for out in outs:
-        for i, (a, b) in enumerate(zip(ins[0], out)):
-            if i != axis:
-                unify(a, b, _where(node))
-        stop = start + out[axis].size
-        unify(segment(ins[0][axis], start, stop, _where(node)), out[axis], _where(node))
-        start = stop
-
-
-def segment(dim: Dim, start: int, stop: int, where: str) -> Dim:
-    """The dimension of `dim[start:stop]`, splitting `dim` into a concatenation if needed."""
-    root = dim.find()
-    if (start, stop) == (0, root.size):
-        return root
-    if start == stop:
-        return Dim(0)  # an empty slice holds no channel to tie to anything
-    if root.parts is None:
-        pieces = [Dim(n) for n in (start, stop - start, root.size - stop)]
-        decompose(root, "concat", pieces, where)
-        return pieces[1]
-    kind, parts = root.parts
-    offsets = np.cumsum([0] + [p.size for p in parts]).tolist()
-    if kind == "concat":
-        for part, lo, hi in zip(parts, offsets, offsets[1:]):
-            if lo <= start and stop <= hi:
-                return segment(part, start - lo, stop - lo, where)
-        if start in offsets and stop in offsets:
-            covered = parts[offsets.index(start):offsets.index(stop)]
-            return Dim(stop - start, ("concat", covered))
-    elif start % (inner := root.size // parts[0].size) == 0 and stop % inner == 0:
-        outer = segment(parts[0], start // inner, stop // inner, where)
-        return Dim(stop - start, ("product", [outer, *parts[1:]]))
-    piece = Dim(stop - start)
-    block(root, f"a slice [{start}:{stop}] cuts across its parts {where}")
-    block(piece, f"a slice [{start}:{stop}] cuts across its parts {where}")
-    return piece
-
-
-def _pass_region(node, ins, outs, dims):
-    """Call-like regions (custom_jvp/vjp, remat): the body's inputs and outputs are the node's."""
-    (body,) = node.regions
-    for arg, d_in in zip(body.inputs, ins):
-        dims[id(arg)] = [Dim(n) for n in arg.type.shape]
-        for a, b in zip(dims[id(arg)], d_in):
-            unify(a, b, _where(node))
-    _analyze_nodes(body, dims)
-    for value, d_out in zip(body.outputs, outs):
-        for a, b in zip(dims[id(value)], d_out):
-            unify(a, b, _where(node))
-
-
-def _constant(node, ins, outs, dims):
-    pass  # its axes join whatever it is combined with; shrinking slices its value
-
-
-def _iota(node, ins, outs, dims):
-    block(outs[0][node.params["dimension"]], f"iota counts along it {_where(node)}")
-
-
-RULES = {
-    "convert_element_type": _identity, "copy": _identity, "copy_p": _identity,
-    "reduce_precision": _identity, "stop_gradient": _identity, "optimization_barrier": _identity,
-    "transpose": _transpose, "broadcast_in_dim": _broadcast_in_dim, "squeeze": _squeeze,
-    "reshape": _reshape, "dot_general": _dot_general, "conv_general_dilated": _conv,
-    "reduce_window_max": _reduce_window, "reduce_window_min": _reduce_window,
-    "reduce_window_sum": _reduce_window, "concatenate": _concatenate, "slice": _slice,
-    "split": _split,
-    "custom_jvp_call": _pass_region, "custom_vjp_call": _pass_region, "remat": _pass_region,
-    "constant": _constant, "iota": _iota,
-    **{name: _reduce for name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
-                                  "reduce_and", "reduce_or", "reduce_xor")},
-    "argmax": _argminmax, "argmin": _argminmax,
-    **{name: _cumulative for name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")},
-}
-
-
 def flops_weights(deps: Dependencies) -> list[tuple[int, list]]:
     """For each node, (its FLOPs, the sizes of the axes its count multiplies over that hold a
     group): each size an expression in the groups' kept counts, which `estimate_flops` evaluates:
@@ -628,7 +273,7 @@ def _flops_nodes(graph):
     """The nodes whose FLOPs make up the graph's: a call's body instead of the call (pruning
     reaches into it); a loop or branch as a whole (its count is not its body's, and fixed)."""
     for node in graph.nodes:
-        if RULES.get(node.op.name) is _pass_region:
+        if is_call(node):
             yield from _flops_nodes(node.regions[0])
         else:
             yield node
