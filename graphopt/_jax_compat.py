@@ -189,3 +189,44 @@ def literal_value(literal: Literal):
 
 def aval_of(atom):
     return atom.aval
+
+
+# -- ahead-of-time executables (lowering/compile.py) ---------------------------------------------
+
+def serialize_executable(compiled) -> bytes:
+    """A `jax.stages.Compiled`'s XLA executable in PjRt's serialized format (no Python objects)."""
+    return compiled._executable.xla_executable.serialize()
+
+
+def deserialize_executable(data: bytes, devices: Sequence[Any]):
+    """Load bytes from `serialize_executable` on `devices` of this machine's matching backend."""
+    return devices[0].client.deserialize_executable(data, list(devices))
+
+
+def execute(executable, arrays: Sequence[Any]) -> list:
+    """Run a loaded single-device executable on device arrays; the flat outputs."""
+    return list(executable.execute(list(arrays)))
+
+
+# -- caches (lowering/cache.py, lowering/fingerprint.py) ------------------------------------------
+
+def reset_compilation_cache() -> None:
+    """Make JAX re-open its persistent compilation cache at the next compile, so that a changed
+    `jax_compilation_cache_dir` takes effect in a process that has compiled already."""
+    from jax._src import compilation_cache
+
+    compilation_cache.reset_cache()
+
+
+def jaxpr_arrays(jaxpr):
+    """Every constant and literal value of a jaxpr and its sub-jaxprs (params), in a fixed order."""
+    constvars, consts, _, eqns, _ = jaxpr_parts(jaxpr)
+    yield from consts
+    for eqn in eqns:
+        for atom in eqn.invars:
+            if isinstance(atom, Literal):
+                yield atom.val
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, _core.Jaxpr) or (ClosedJaxpr is not None and isinstance(sub, ClosedJaxpr)):
+                    yield from jaxpr_arrays(sub)  # a closed sub-jaxpr brings its own consts

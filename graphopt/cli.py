@@ -1,10 +1,12 @@
-"""The `graphopt` command line: show, optimize, diff, export and bisect a model; list passes; demo.
+"""The `graphopt` command line: show, optimize, diff, export, compile and bisect a model; passes; demo.
 
     graphopt show     MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST] [--summary | --dot] [-o FILE]
     graphopt optimize MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST] [--report] [--summary] [--verify]
                       [--html FILE]
     graphopt diff     MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST]
     graphopt export   MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST] --platforms tpu,cuda,cpu -o FILE
+    graphopt compile  MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST] --target tpu:v5e:2x2 [--mesh DxM]
+                      [--compare] [-o FOLDER]
     graphopt bisect   MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST] [--random-inputs N]
     graphopt passes
     graphopt demo     [--layers N] [--seq N] [--pipeline NAME]
@@ -64,10 +66,7 @@ model:
   a plain function that takes its weights as arguments. Passes the model's module registers
   (@graphopt.register_pass) can be named in --passes.
 
-""" + _EXIT_CODES + """
-not yet available:
-  graphopt compile --target tpu:v5e:2x2 (ahead-of-time compilation for TPU).
-"""
+""" + _EXIT_CODES
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -117,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--platforms", default="tpu,cuda,cpu", metavar="LIST",
                         help="comma-separated: tpu, cuda, rocm, cpu (default: tpu,cuda,cpu)")
     export.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the artifact")
+
+    compile_ = command("compile", "compile the optimized model ahead of time for cpu, cuda or a TPU "
+                       "topology (no TPU needed) and print XLA's cost and memory analysis",
+                       [model, _pipeline_options("default")], _compile)
+    compile_.add_argument("--target", default="cpu", metavar="TARGET",
+                          help="cpu, cuda, tpu, or tpu:CHIP:SHAPE such as tpu:v5e:2x2, tpu:v4:2x2x1 (a TPU "
+                          "topology compiles with libtpu's compile-only devices: pip install 'graphopt[tpu]')")
+    compile_.add_argument("--mesh", metavar="DxM", help="shard the model over a data x model mesh of the "
+                          "target's devices (graphopt.shard: Megatron tensor parallelism over model, batch "
+                          "over data), e.g. --mesh 1x4; the analyses are then per device")
+    compile_.add_argument("--compare", action="store_true", help="also compile the unoptimized model "
+                          "(pipeline none) and print both side by side")
+    compile_.add_argument("-o", "--output", metavar="FOLDER", help="save the executable, its StableHLO, "
+                          "HLO and analyses (program.json) into FOLDER")
 
     bisect = command("bisect", "validate every pass of a pipeline and name the first that changes the "
                      "results (exit code 3 when one does)", [model, _pipeline_options("default")], _bisect)
@@ -295,6 +308,40 @@ def _export(args) -> int:
               "weights): compute them with graphopt.prepare(graph, *args), or export with "
               "--disable fold_params to keep the model's own arguments")
     print(f"load it with graphopt.deserialize(open({args.output!r}, 'rb').read()).call(*args)")
+    return OK
+
+
+def _compile(args) -> int:
+    from graphopt.lowering.compile import compile
+    from graphopt.lowering.target import parse_target
+    from graphopt.model_spec import SpecError
+
+    try:
+        target = parse_target(args.target)
+    except ValueError as e:
+        raise SpecError(f"--target: {e}") from e
+    model, pipeline = _model_and_pipeline(args)
+    programs = {}
+    if args.mesh:  # graphopt.shard traces and runs the pipeline itself
+        def build(pipeline):
+            return compile(model.fn, *model.args, target=target, pipeline=pipeline, mesh=args.mesh,
+                           params_argnums=args.params_argnums)
+    else:
+        def build(pipeline):
+            graph = _trace(model, args)
+            return compile(graph if pipeline == "none" else _run(graph, pipeline, args).graph, target=target)
+    if args.compare:
+        programs["none"] = build("none")
+    programs[args.passes or args.pipeline] = program = build(pipeline)
+    if args.compare:
+        from graphopt.lowering.compile import comparison_table
+
+        print(comparison_table(programs))
+    else:
+        print(program.summary())
+    if args.output:
+        print(f"wrote {program.save(args.output)}: executable.bin ({len(program.serialize()):,} bytes), "
+              "module.stablehlo.mlir, module.hlo.txt, program.json")
     return OK
 
 

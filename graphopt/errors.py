@@ -38,6 +38,10 @@ class PrepError(GraphoptError, ValueError):
     needs finite ones)."""
 
 
+class TargetError(GraphoptError, ValueError):
+    """A compilation target that is malformed or not available here (`graphopt.compile`)."""
+
+
 class GraphoptWarning(UserWarning):
     """Base class of every warning graphopt issues."""
 

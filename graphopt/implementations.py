@@ -125,6 +125,13 @@ def time_graphs(graphs: dict, *, repeats: int = 5, seed: int = 0, sample_seconds
     the lowering (imported here: graphopt/ may, as param_prep does; passes/ may not), so what is
     timed is what the program will run.
     """
+    # Under an outer trace (a user's jax.jit of an optimized model) JAX would stage these runs
+    # into the caller's program; measure eagerly instead.
+    with jax.ensure_compile_time_eval():
+        return _time_graphs(graphs, repeats, seed, sample_seconds)
+
+
+def _time_graphs(graphs: dict, repeats: int, seed: int, sample_seconds: float) -> dict:
     from graphopt.lowering.emit import lower
 
     runs: dict = {}

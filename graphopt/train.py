@@ -35,13 +35,14 @@ class TrainingError(GraphoptError, ValueError):
 
 def distill(student: Callable, teacher: Callable, params, batches: Iterable, *, steps: int,
             loss: str = "kl", temperature: float = 1.0, learning_rate: float = 1e-4, optimizer=None,
-            inputs: Callable | None = None):
+            inputs: Callable | None = None, progress: bool = True):
     """Fine-tune `params` so that `student(params, x)` matches `teacher(x)`; the new params.
 
     `batches` yields inputs `x` (cycled until `steps` optimizer steps ran; `inputs(batch)` maps a
     batch to `x` if it holds more, e.g. labels). `loss`: "kl" (teacher's softmax at `temperature`
     against the student's, over the last axis: logits) or "mse". `optimizer`: an optax
     GradientTransformation (default adam at `learning_rate`). `params` itself is not modified.
+    `progress`: a progress bar on a terminal.
     """
     import optax
 
@@ -67,17 +68,19 @@ def distill(student: Callable, teacher: Callable, params, batches: Iterable, *, 
 
     params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the caller's arrays stay as they are
     state = optimizer.init(params)
-    for batch in itertools.islice(itertools.cycle(batches), steps):
+    for batch in _steps(batches, steps, "distilling", progress):
         params, state, _ = step(params, state, inputs(batch) if inputs else batch)
     return params
 
 
 def fine_tune(fn: Callable, params, batches: Iterable, loss: Callable, *, steps: int,
-              learning_rate: float = 1e-4, optimizer=None, inputs: Callable | None = None):
+              learning_rate: float = 1e-4, optimizer=None, inputs: Callable | None = None,
+              progress: bool = True):
     """Train `params` to minimize `loss(fn(params, x), batch)` over `batches`; the new params.
 
     `inputs(batch)` gives `x` (default: the batch itself), e.g. `lambda b: b[0]` for (x, y)
-    batches whose labels the loss reads. `optimizer`: an optax GradientTransformation."""
+    batches whose labels the loss reads. `optimizer`: an optax GradientTransformation. `progress`:
+    a progress bar on a terminal."""
     import optax
 
     batches = _checked(batches, steps)
@@ -91,9 +94,16 @@ def fine_tune(fn: Callable, params, batches: Iterable, loss: Callable, *, steps:
 
     params = jax.tree_util.tree_map(jnp.array, params)
     state = optimizer.init(params)
-    for batch in itertools.islice(itertools.cycle(batches), steps):
+    for batch in _steps(batches, steps, "fine-tuning", progress):
         params, state, _ = step(params, state, batch)
     return params
+
+
+def _steps(batches: list, steps: int, description: str, progress: bool):
+    """`steps` batches, cycling through `batches`, with a progress bar."""
+    from graphopt.progress import track
+
+    return track(itertools.islice(itertools.cycle(batches), steps), description, total=steps, enabled=progress)
 
 
 def _checked(batches, steps: int) -> list:

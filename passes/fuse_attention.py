@@ -18,7 +18,8 @@ How it chooses (`measure=True`, the default, on the backend this process runs):
     `repeats` runs, interleaved across the candidates, decides. A kernel is taken only if it beats the decomposition by `margin`
     (5%), so the result is never slower than the unfused program by more than measurement
     noise; otherwise the node keeps implementation None. Measurements are cached in-process.
-With `measure=False`, or for a `backend=` other than this process's: a static preference table
+With `measure=False`, for a `backend=` other than this process's, or in a multi-process run
+(`jax.process_count() > 1`: timings differ between processes, programs must not): a static preference table
 (cuDNN on GPU, Pallas flash on TPU, nothing on CPU: "xla" is never chosen there unmeasured).
 
 Plumbing: passes/ never imports lowering/. The kernels live in lowering/kernels.py and register
@@ -79,6 +80,11 @@ def fuse_attention(graph, ctx, *, backend: str | None = None, measure: bool = Tr
     backend = backend or here
     if measure and backend != here:
         ctx.note(f"cannot measure for backend {backend!r} from {here!r}: static choice")
+        measure = False
+    if measure and jax.process_count() > 1:
+        # Timings differ between processes; every process of a multi-process run must compile
+        # the same program, or their collectives would not match.
+        ctx.note(f"{jax.process_count()} processes: static choice, the same in every process")
         measure = False
     nodes = [n for n in graph.walk() if n.op.name == "attention" and n.params["implementation"] is None]
     chosen: Counter = Counter()

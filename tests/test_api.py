@@ -57,3 +57,15 @@ def test_unknown_pipeline_is_rejected_with_known_names():
 def test_jit_false_returns_unjitted_results_and_is_traceable_by_the_user():
     f = graphopt.optimize(lambda x: jnp.sin(x), jit=False)
     assert_equivalent(jax.jit(f)(jnp.ones(2)), jnp.sin(jnp.ones(2)))
+
+
+def test_an_optimized_model_runs_under_a_users_jit():
+    # fuse_attention times its candidate kernels while the pipeline runs, here inside the outer
+    # trace: the timing runs must execute eagerly, not be staged into the caller's program.
+    from graphopt.demo import DemoConfig, demo_model
+
+    model, variables, tokens = demo_model(DemoConfig(layers=1, seq=8))
+    optimized = graphopt.optimize(model.apply, params_argnums=0)
+    out = jax.jit(optimized)(variables, tokens)
+    assert any(n.op.name == "attention" for n in optimized.graph.walk())
+    assert_equivalent(out, model.apply(variables, tokens), rtol=1e-4, atol=1e-5)

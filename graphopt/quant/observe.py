@@ -133,9 +133,6 @@ def observe(graph, values: Sequence, calibration: Calibration, names: Sequence[s
 
 
 def _progress(calibration: Calibration) -> Iterable[Any]:
-    batches = calibration.examples()
-    if not calibration.progress:
-        return batches
-    from rich.progress import track
+    from graphopt.progress import track
 
-    return track(batches, description="calibrating", total=calibration.total, transient=True)
+    return track(calibration.examples(), "calibrating", total=calibration.total, enabled=calibration.progress)
