@@ -16,6 +16,7 @@ from graphopt.api import Optimized, optimize
 from graphopt.errors import (GraphError, GraphoptError, GraphoptWarning, SignatureError, TargetError,
                              TraceError, ValidationError, ValidationWarning)
 from graphopt.ir import Argument, Graph, Node, Provenance, Value
+from graphopt.lowering import cache
 from graphopt.lowering.emit import lower
 from graphopt.lowering.compile import CompiledProgram, compile
 from graphopt.lowering.export import deserialize, export
@@ -34,6 +35,6 @@ __all__ = [
     "Argument", "BisectResult", "CompiledProgram", "Graph", "GraphError", "GraphoptError",
     "GraphoptWarning", "Node", "Optimized", "Provenance", "SignatureError", "TargetError",
     "TensorType", "TraceError", "ValidationError", "ValidationWarning", "Validator", "Value",
-    "bisect", "compile", "deserialize", "export", "lower", "optimize", "prepare", "prune",
+    "bisect", "cache", "compile", "deserialize", "export", "lower", "optimize", "prepare", "prune",
     "quantize", "register_pass", "run_pipeline", "shard", "trace",
 ]

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -192,6 +193,23 @@ def aval_of(atom):
 
 
 # -- ahead-of-time executables (lowering/compile.py) ---------------------------------------------
+
+@contextlib.contextmanager
+def without_compilation_cache():
+    """A context in which XLA compiles afresh, not from JAX's persistent compilation cache: on
+    CPU, an executable loaded from that cache serializes without some of its functions (running
+    the deserialized copy fails with 'Function ... not found'). JAX decides once per process
+    whether the cache is in use; the decision is reset on entry and on exit."""
+    from jax._src import compilation_cache as _compilation_cache
+    from jax._src import config as _config
+
+    with _config.enable_compilation_cache(False):
+        _compilation_cache.reset_cache()
+        try:
+            yield
+        finally:
+            _compilation_cache.reset_cache()
+
 
 def serialize_executable(compiled) -> bytes:
     """A `jax.stages.Compiled`'s XLA executable in PjRt's serialized format (no Python objects)."""

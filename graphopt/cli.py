@@ -9,6 +9,7 @@
                       [--compare] [-o FOLDER]
     graphopt bisect   MODEL [-i SPEC ...] [--pipeline NAME | --passes LIST] [--random-inputs N]
     graphopt passes
+    graphopt bench    [--quick] [--models ...] [--pipelines ...] [--results]   (from a source checkout)
     graphopt demo     [--layers N] [--seq N] [--pipeline NAME]
 
 MODEL is `module:function` or `path/to/file.py:function`, with one `--input DTYPE[dims]` per
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("passes", "list the registered passes and the named pipelines", [_debug_option()], _passes,
             _EXIT_CODES)
+
+    bench = commands.add_parser(
+        "bench", help="run the benchmark suite (benchmarks/run.py) from a source checkout; "
+        "`graphopt bench -- --help` lists its options", add_help=False, prefix_chars="\0")
+    bench.add_argument("options", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench, parser=bench)
 
     demo = command("demo", "optimize a bundled Flax transformer and compare it with jax.jit",
                    [_debug_option()], _demo, _EXIT_CODES)
@@ -370,6 +377,36 @@ def _passes(args) -> int:
         seen.setdefault(names, name)
         print(f"  {name:<{width}}  {same}{', '.join(names) or '(no passes)'}")
     return OK
+
+
+def _bench(args) -> int:
+    """Run benchmarks/run.py's main with the remaining options; benchmarks/ is not installed, so
+    it is looked for in the checkout graphopt runs from, then in the working directory."""
+    import importlib.util
+    import pathlib
+
+    from graphopt.model_spec import SpecError
+
+    options = [o for o in args.options if o != "--"]
+    here = pathlib.Path(__file__).resolve().parent.parent
+    for root in (here, pathlib.Path.cwd()):
+        script = root / "benchmarks" / "run.py"
+        if script.is_file():
+            break
+    else:
+        raise SpecError("graphopt bench runs the benchmark suite of a source checkout (benchmarks/ is not "
+                        "installed with the package): run it in a clone of the repository")
+    sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location("graphopt_benchmarks_run", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    program, sys.argv[0] = sys.argv[0], "graphopt bench"  # its usage lines name this command
+    try:
+        return module.main(options)
+    except SystemExit as exit:  # its --help (0) and usage errors (2)
+        return exit.code if isinstance(exit.code, int) else USAGE
+    finally:
+        sys.argv[0] = program
 
 
 def _demo(args) -> int:

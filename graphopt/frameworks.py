@@ -114,11 +114,10 @@ def _is_linen_apply(fn) -> bool:
 
 
 def _is_nnx_module(obj) -> bool:
-    if "flax" not in sys.modules:
-        return False
-    from flax import nnx
-
-    return isinstance(obj, nnx.Module)
+    # An nnx Module exists only once flax.nnx is imported; importing it here (a linen model's
+    # every first call) would cost a few hundred ms.
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(obj, nnx.Module)
 
 
 def _is_equinox_module(obj) -> bool:

@@ -178,7 +178,8 @@ def compile(fn_or_graph: Graph | Callable, *args, target: str | Target = "cpu", 
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, weak_type=s.weak_type, sharding=sharding),
             input_specs(graph))
         lowered = jax.jit(lower(graph)).lower(*specs)
-    compiled = lowered.compile()
+    with _jax_compat.without_compilation_cache():  # its executables must serialize whole
+        compiled = lowered.compile()
     return CompiledProgram(target=target, graph=graph, device_kind=available[0].device_kind,
                            num_devices=len(available), cost=_cost(compiled),
                            memory=_memory(compiled), stablehlo=lowered.as_text(),

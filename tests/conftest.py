@@ -5,6 +5,10 @@ import os
 # Tests run on CPU unless the caller asked for something else; this has to
 # happen before jax initializes its backends, i.e. before any test imports it.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# graphopt's caches (on by default for users) would let one test's stored program serve another
+# test that monkeypatches graphopt's internals, and would write to ~/.cache: off for the suite.
+# tests/lowering/test_cache.py turns them on, in folders of its own.
+os.environ.setdefault("GRAPHOPT_CACHE", "0")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -227,6 +227,13 @@ def test_compile_with_a_mesh_reports_the_collectives(capsys, models):
     assert "(per device)" in out and out.rstrip().endswith("collectives: none")
 
 
+def test_bench_runs_the_checkouts_benchmark_suite(capsys):
+    code, out, _ = run(capsys, "bench", "--help")
+    assert code == OK and out.startswith("usage: graphopt bench") and "--quick" in out
+    code, _, err = run(capsys, "bench", "--models", "no_such_model")
+    assert code == USAGE and "invalid choice: 'no_such_model'" in err
+
+
 def test_compile_bad_targets(capsys, models):
     code, _, err = run(capsys, "compile", f"{models['plain']}:f", *PLAIN_INPUTS, "--target", "gpu")
     assert code == USAGE and "--target: unknown target 'gpu'" in err

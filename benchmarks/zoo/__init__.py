@@ -28,6 +28,11 @@ by a hash of the model's hyper-parameters, the training settings, the data and t
 backend; a second run loads them instead of training. A file that does not load, or whose tensors
 do not match the model's names, shapes, dtypes or recorded checksum, is rebuilt.
 
+`zoo.MODELS` (zoo/registry.py) maps every zoo model's name to its `build(size, seed) ->
+ZooModel` (zoo/model.py): these two through adapters (zoo/trained.py), and random-weight models
+for speed benchmarks: mlp (nnx), resnet18 (linen, BatchNorm), vit_tiny (nnx), bert_mini (linen,
+padding mask), gpt_prefill and gpt_decode (linen, KV cache).
+
 Use from the repository root (benchmarks/ is not installed):
 
 >>> import sys; sys.path.insert(0, "benchmarks")        # doctest: +SKIP
@@ -57,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Trained", "cache_dir", "count_params", "padded_batches", "script_run", "train_cached"]
+__all__ = ["MODELS", "Trained", "cache_dir", "count_params", "padded_batches", "script_run", "train_cached"]
 
 CACHE_ENV = "GRAPHOPT_ZOO_CACHE"
 _FORMAT = 1  # bump when the file layout or the meaning of a cache key changes
@@ -218,3 +223,6 @@ def script_run(doc: str, train: Callable, evaluate: Callable, argv=None) -> tupl
     start = time.perf_counter()
     metric = evaluate(jax.jit(trained.apply), trained.variables, trained.data)
     return trained, metric, time.perf_counter() - start
+
+
+from .registry import MODELS  # noqa: E402  (after the helpers digits and charlm import from here)

@@ -1,0 +1,161 @@
+"""Caches that carry work between runs: JAX's persistent compilation cache and optimized programs.
+
+Both live under one folder, `$GRAPHOPT_CACHE_DIR`, else `~/.cache/graphopt`:
+
+    xla/        JAX's persistent compilation cache: compiled XLA executables
+    programs/   graphopt's optimized programs (`graphopt.lowering.program_cache`): a second run of
+                `@graphopt.optimize` on the same model and argument types skips tracing into a
+                Graph, the passes and the lowering, and its XLA compile hits xla/
+
+Both are on by default. `GRAPHOPT_CACHE=0` (or `configure(enabled=False)`) turns both off;
+`configure(path=...)` moves them. Importing graphopt changes nothing in JAX's configuration: the
+compilation cache is turned on when graphopt first builds a program, with thresholds that cache
+small programs too. A `jax_compilation_cache_dir` the user set (flag, `JAX_COMPILATION_CACHE_DIR`
+or `jax.config.update`) is respected: graphopt then uses it as it is, thresholds included.
+
+Example:
+    >>> from graphopt.lowering import cache
+    >>> settings = cache.configure(path="/tmp/graphopt-doc-cache")
+    >>> settings.enabled, str(settings.programs_dir)
+    (True, '/tmp/graphopt-doc-cache/programs')
+    >>> cache.configure(enabled=False).enabled
+    False
+    >>> _ = cache.configure(path=None, enabled=None)   # back to the environment's settings
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import pathlib
+import threading
+
+import jax
+
+from graphopt import _jax_compat
+
+logger = logging.getLogger("graphopt.cache")
+
+_UNSET = object()
+_overrides: dict = {}           # from configure(): "path", "enabled"
+_lock = threading.Lock()
+_owned_dir: str | None = None   # the jax_compilation_cache_dir graphopt set, if it set one
+_listening = False
+_stats: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Where the caches live and whether they are on."""
+
+    enabled: bool
+    path: pathlib.Path
+
+    @property
+    def programs_dir(self) -> pathlib.Path:
+        return self.path / "programs"
+
+    @property
+    def xla_dir(self) -> pathlib.Path:
+        return self.path / "xla"
+
+
+def settings() -> Settings:
+    """The current settings: `configure`'s, else the environment's, else the defaults."""
+    enabled = _overrides.get("enabled")
+    if enabled is None:
+        enabled = os.environ.get("GRAPHOPT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+    path = _overrides.get("path") or os.environ.get("GRAPHOPT_CACHE_DIR") or \
+        os.path.join(os.path.expanduser("~"), ".cache", "graphopt")
+    return Settings(bool(enabled), pathlib.Path(path))
+
+
+def configure(path=_UNSET, enabled=_UNSET) -> Settings:
+    """Move (`path`) or turn on and off (`enabled`) both caches for this process; None goes back to
+    the environment (`GRAPHOPT_CACHE_DIR`, `GRAPHOPT_CACHE`). Returns the new settings.
+
+    Takes effect at the next build. Turning the caches off, or moving them, also detaches JAX's
+    compilation cache if graphopt had attached it (a folder the user set is never touched).
+    """
+    with _lock:
+        for name, value in (("path", path), ("enabled", enabled)):
+            if value is not _UNSET:
+                _overrides[name] = None if value is None else (str(value) if name == "path" else bool(value))
+        current = settings()
+        if _owned_dir is not None and (not current.enabled or _owned_dir != str(current.xla_dir)):
+            _detach()
+    return current
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache under the graphopt cache folder, unless the caches
+    are off or the user chose a folder of their own. Returns the folder in use (None: none).
+
+    Called by graphopt when it builds a program (never at import)."""
+    global _owned_dir
+    with _lock:
+        current = settings()
+        user_dir = jax.config.jax_compilation_cache_dir
+        if user_dir and user_dir != _owned_dir:
+            _listen()
+            return user_dir  # the user's own cache: theirs to configure
+        if not current.enabled:
+            return None
+        wanted = str(current.xla_dir)
+        if _owned_dir != wanted:
+            if _owned_dir is not None:
+                _detach()
+            try:
+                os.makedirs(wanted, exist_ok=True)
+            except OSError as err:  # a read-only home: run without the compilation cache
+                logger.debug("no JAX compilation cache: cannot create %s (%s)", wanted, err)
+                return None
+            jax.config.update("jax_compilation_cache_dir", wanted)
+            # graphopt's programs are often small and quick to compile; cache them all.
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+            _jax_compat.reset_compilation_cache()  # a cache JAX opened earlier would keep its folder
+            _owned_dir = wanted
+            logger.debug("JAX persistent compilation cache at %s", wanted)
+        _listen()
+        return wanted
+
+
+def stats() -> dict:
+    """Counts for this process: `program_hits`, `program_misses`, `program_stores`,
+    `program_rejected` (entries found bad and deleted), `program_skipped` (calls the program cache
+    does not apply to), `compile_hits` and `compile_requests` (JAX's persistent compilation cache,
+    counted once graphopt has turned it on or found the user's)."""
+    keys = ("program_hits", "program_misses", "program_stores", "program_rejected", "program_skipped",
+            "compile_hits", "compile_requests")
+    return {k: _stats[k] for k in keys}
+
+
+def count(name: str) -> None:
+    _stats[name] += 1
+
+
+def _detach() -> None:
+    global _owned_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    _jax_compat.reset_compilation_cache()
+    logger.debug("JAX persistent compilation cache at %s detached", _owned_dir)
+    _owned_dir = None
+
+
+def _listen() -> None:
+    global _listening
+    if _listening:
+        return
+    _listening = True
+    events = {"/jax/compilation_cache/cache_hits": "compile_hits",
+              "/jax/compilation_cache/compile_requests_use_cache": "compile_requests"}
+
+    def on_event(event: str, **kwargs) -> None:
+        name = events.get(event)
+        if name is not None:
+            _stats[name] += 1
+
+    jax.monitoring.register_event_listener(on_event)
