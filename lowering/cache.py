@@ -15,7 +15,7 @@ or `jax.config.update`) is respected: graphopt then uses it as it is, thresholds
 
 Example:
     >>> from graphopt.lowering import cache
-    >>> settings = cache.configure(path="/tmp/graphopt-doc-cache")
+    >>> settings = cache.configure(path="/tmp/graphopt-doc-cache", enabled=True)
     >>> settings.enabled, str(settings.programs_dir)
     (True, '/tmp/graphopt-doc-cache/programs')
     >>> cache.configure(enabled=False).enabled

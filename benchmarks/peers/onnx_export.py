@@ -26,6 +26,7 @@ that a real inconsistency still fails here.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
@@ -107,8 +108,9 @@ def export(model) -> Exported:
     level = plugin_log.level
     plugin_log.setLevel(logging.ERROR)
     try:
-        proto = jax2onnx.to_onnx(fn, inputs, model_name=model.name, input_names=names,
-                                 normalization_mode="prefer_native")
+        with _jnp_patches_scoped():
+            proto = jax2onnx.to_onnx(fn, inputs, model_name=model.name, input_names=names,
+                                     normalization_mode="prefer_native")
     except Exception as error:  # noqa: BLE001 -- any exporter failure is reported with the model
         raise RuntimeError(f"{exporter} could not export zoo model {model.name!r} "
                            f"({type(error).__name__}: {error}); the ONNX Runtime rows for it cannot run. "
@@ -121,6 +123,37 @@ def export(model) -> Exported:
                         dict(collections.Counter(n.op_type for n in proto.graph.node)), seconds, exporter)
     _CACHE[id(model)] = (model, exported)
     return exported
+
+
+_JAX2ONNX_JNP: dict[str, Any] = {}  # jax.numpy attributes as jax2onnx set them, for its next exports
+
+
+@contextlib.contextmanager
+def _jnp_patches_scoped():
+    """Keep jax2onnx's changes to `jax.numpy` inside the export. Its cumsum plugin, when it loads,
+    replaces `jnp.cumsum` for the rest of the process with a version that rejects a positional
+    axis (`jnp.cumsum(x, -1)` then raises TypeError in any model traced later, graphopt's
+    included); the originals are put back after each export and jax2onnx's versions restored for
+    the next one."""
+    import jax.numpy as jnp
+
+    before = dict(vars(jnp))
+    for name, value in _JAX2ONNX_JNP.items():
+        setattr(jnp, name, value)
+    try:
+        yield
+    finally:
+        after = dict(vars(jnp))
+        for name in set(before) | set(after):
+            if after.get(name, _MISSING) is not before.get(name, _MISSING):
+                _JAX2ONNX_JNP[name] = after.get(name)
+                if name in before:
+                    setattr(jnp, name, before[name])
+                else:
+                    delattr(jnp, name)
+
+
+_MISSING = object()
 
 
 def _reinfer_shapes(onnx, proto, name: str):

@@ -106,6 +106,8 @@ def test_export_and_run_match_jax(name):
     assert report["model"] == model.name and report["precision"] == "int8 dynamic"
     assert report["p10_ms"] <= report["ms"] <= report["p90_ms"] and report["cpu_ms"] > 0
     assert report["exporter"].startswith("jax2onnx ") and report["threads"] == os.cpu_count()
+    # jax2onnx's own jnp.cumsum (it rejects a positional axis) stays inside the export.
+    np.testing.assert_array_equal(jnp.cumsum(jnp.ones((2, 3)), -1), [[1, 2, 3], [1, 2, 3]])
 
 
 def test_missing_package_is_named_with_the_install_command(monkeypatch):

@@ -105,6 +105,9 @@ def test_a_pipeline_that_does_not_apply_is_a_row(monkeypatch):
     assert "n/a: nothing" in run_report.table_rows({"rows": rows})[2][2]
 
 
+BEGIN, END = "<!-- run.py: begin -->", "<!-- run.py: end -->"
+
+
 def test_results_md_section_is_replaced_and_the_rest_kept(mlp_run, tmp_path):
     _, result = mlp_run
     run_json = tmp_path / "run.json"
@@ -113,8 +116,8 @@ def test_results_md_section_is_replaced_and_the_rest_kept(mlp_run, tmp_path):
     results_md.write_text("# Results\n\n## other\n\nkept | as is\n")
     run_report.update_results_md(results_md, run_json)
     first = results_md.read_text()
-    assert first.startswith("# Results\n\n## other\n\nkept | as is\n\n" + run_report.BEGIN)
-    assert first.count(run_report.BEGIN) == first.count(run_report.END) == 1
+    assert first.startswith("# Results\n\n## other\n\nkept | as is\n\n" + BEGIN)
+    assert first.count(BEGIN) == first.count(END) == 1
     assert "| mlp | int8 |" in first and result["command"] in first
     results_md.write_text(first + "\n## after\n")
     result["rows"] = result["rows"][:2]
