@@ -117,9 +117,11 @@ def test_missing_package_is_named_with_the_install_command(monkeypatch):
 
 
 @pytest.mark.parametrize("spread, text", [
-    ({"median": 0.8, "p10": 0.7, "p90": 0.9}, "graphopt faster by 20%"),
-    ({"median": 1.5, "p10": 1.2, "p90": 1.9}, "graphopt slower by 50%"),
-    ({"median": 1.05, "p10": 0.9, "p90": 1.3}, "even (graphopt/ORT 1.05, p10–p90 0.90–1.30)"),
+    ({"median": 0.8, "p10": 0.7, "p90": 0.9}, "graphopt faster by 20% (graphopt/ORT 0.80, p10–p90 0.70–0.90)"),
+    ({"median": 1.5, "p10": 1.2, "p90": 1.9}, "graphopt slower by 50% (graphopt/ORT 1.50, p10–p90 1.20–1.90)"),
+    ({"median": 2.44, "p10": 0.89, "p90": 3.45},
+     "graphopt slower by 144% (graphopt/ORT 2.44, p10–p90 0.89–3.45; the spread crosses 1)"),
+    ({"median": 1.04, "p10": 0.9, "p90": 1.3}, "even (graphopt/ORT 1.04, p10–p90 0.90–1.30)"),
 ])
 def test_verdict_reads_the_graphopt_over_ort_time_ratio(spread, text):
     assert verdict(spread) == text
