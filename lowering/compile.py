@@ -197,9 +197,7 @@ def _sharded_lowering(fn, args, available: list, mesh, **options):
                           f"{len(available)}: choose a larger topology or a smaller mesh")
     grid = np.asarray(available[:count], dtype=object).reshape(sizes["data"], sizes["model"])
     sharded = shard(fn, *args, mesh=jax.sharding.Mesh(grid, ("data", "model")), **options)
-    abstract = [jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=s)
-                for e, s in zip(sharded.plan.entries, sharded.shardings)]
-    return sharded.jitted.lower(*jax.tree_util.tree_unflatten(sharded.graph.in_tree, abstract)), sharded.graph
+    return sharded.lower(), sharded.graph
 
 
 def comparison_table(programs: dict[str, CompiledProgram]) -> str:

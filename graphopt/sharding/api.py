@@ -87,6 +87,7 @@ class Sharded:
         self.jitted = jax.jit(lower(graph), in_shardings=tuple(in_shardings))
         self._params = None  # (the user's parameter leaves, their placed copies)
         self._report = None
+        self._hlo = None
 
     def place(self, *args) -> tuple:
         """The traced function's arguments put on the mesh (`jax.device_put` with each input's
@@ -117,15 +118,18 @@ class Sharded:
     def report(self) -> ShardingReport:
         """Plan table, per-device parameter bytes, and the compiled program's collectives."""
         if self._report is None:
-            abstract = [jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=s)
-                        for e, s in zip(self.plan.entries, self.shardings)]
-            args = jax.tree_util.tree_unflatten(self.graph.in_tree, abstract)
-            hlo = self.jitted.lower(*args).compile().as_text()
-            self._report = ShardingReport(self.plan, param_memory(self.plan), count_collectives(hlo))
+            self._report = ShardingReport(self.plan, param_memory(self.plan), count_collectives(self.hlo()))
         return self._report
 
-    def hlo(self) -> str:
-        """The compiled program's HLO text."""
+    def lower(self):
+        """`jax.stages.Lowered` of the sharded program on abstract arguments (each input's shape,
+        dtype and NamedSharding): no arrays needed, and the mesh's devices may be compile-only."""
         abstract = [jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=s)
                     for e, s in zip(self.plan.entries, self.shardings)]
-        return self.jitted.lower(*jax.tree_util.tree_unflatten(self.graph.in_tree, abstract)).compile().as_text()
+        return self.jitted.lower(*jax.tree_util.tree_unflatten(self.graph.in_tree, abstract))
+
+    def hlo(self) -> str:
+        """The compiled program's HLO text (compiled once)."""
+        if self._hlo is None:
+            self._hlo = self.lower().compile().as_text()
+        return self._hlo
