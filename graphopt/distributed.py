@@ -215,15 +215,9 @@ def gather(tree: Any) -> Any:
 
 def path_of(path) -> str:
     """'/'-joined names of a pytree key path: `(DictKey('params'), DictKey('up'))` → `params/up`."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    from graphopt.trace import key_path_name
+
+    return key_path_name(path)
 
 
 def _check_address(address) -> None:

@@ -45,6 +45,16 @@ def param_derived_values(graph) -> tuple[dict, set]:
     return derived, constant
 
 
+def unique_name(name: str, taken: set) -> str:
+    """`name`, or `name#2`, `name#3`, ... if taken; the result is added to `taken`."""
+    base, n = name, 1
+    while name in taken:
+        n += 1
+        name = f"{base}#{n}"
+    taken.add(name)
+    return name
+
+
 def param_name(value) -> str:
     """'<source param path>:<op>', naming the largest parameter `value` is computed from (the one
     it replaces, e.g. the base weight of a LoRA merge); `<op>` is the output's name for ops that

@@ -172,6 +172,12 @@ def _key_name(key) -> str:
     return str(key)
 
 
+def key_path_name(path) -> str:
+    """'/'-joined names of a pytree key path: `(DictKey('params'), DictKey('up'))` → `params/up`
+    (the spelling of parameter paths in graphs, checkpoints and sharding rules)."""
+    return "/".join(_key_name(k) for k in path)
+
+
 def _path_string(adapted: Adapted, path) -> str:
     argnum, rest = path[0].idx, [_key_name(k) for k in path[1:]]
     if adapted.framework == "nnx" and rest and rest[-1] == "value":

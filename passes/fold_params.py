@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 
 from graphopt.ir import Graph
-from graphopt.param_derived import param_derived_values, param_name
+from graphopt.param_derived import param_derived_values, param_name, unique_name
 from graphopt.param_prep import ParamPrep
 from graphopt.pipeline import register_pass
 
@@ -132,19 +132,10 @@ def _in_prep(value, prep, prep_values):
 def _replace_frontier(graph, frontier, prep_values) -> None:
     taken = {a.path for a in graph.inputs}
     for value in frontier:
-        path = _unique(param_name(value), taken)
+        path = unique_name(param_name(value), taken)
         arg = graph.add_input(value.type, "param", path)
         prep_values[id(arg)] = prep_values[id(value)]
         graph.replace_all_uses(value, arg)
-
-
-def _unique(name: str, taken: set) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        i += 1
-        candidate = f"{name}#{i}"
-    taken.add(candidate)
-    return candidate
 
 
 def _derived_nodes(derived) -> list:

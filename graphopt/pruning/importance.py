@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graphopt.passes.prune.deps import Dependencies, PruneError
+from graphopt.passes.prune.deps import Dependencies, PruneError, atoms
 
 METHODS = ("l1", "l2", "wanda", "taylor")
 
@@ -59,7 +59,7 @@ def scores(deps: Dependencies, leaves: Sequence, method: str = "l2", *, batches:
     return _taylor(deps, batches, loss)
 
 
-def channel_index(deps: Dependencies, dim, atom) -> np.ndarray:
+def channel_index(dim, atom) -> np.ndarray:
     """For each index along `dim`, the channel of `atom` it belongs to (-1: none)."""
     dim, atom = dim.find(), atom.find()
     if dim is atom:
@@ -67,7 +67,7 @@ def channel_index(deps: Dependencies, dim, atom) -> np.ndarray:
     if dim.parts is None:
         return np.full(dim.size, -1)
     kind, parts = dim.parts
-    pieces = [channel_index(deps, p, atom) for p in parts]
+    pieces = [channel_index(p, atom) for p in parts]
     if kind == "concat":
         return np.concatenate(pieces)
     out = np.full(1, -1)
@@ -76,22 +76,22 @@ def channel_index(deps: Dependencies, dim, atom) -> np.ndarray:
     return out
 
 
-def channel_stride(deps: Dependencies, dim, atom) -> int:
+def channel_stride(dim, atom) -> int:
     """How many elements of `dim` lie between consecutive channels of `atom` (1: innermost)."""
     dim, atom = dim.find(), atom.find()
     if dim is atom or dim.parts is None:
         return 1
     kind, parts = dim.parts
     for i, part in enumerate(parts):
-        if any(a is atom for a in deps.atoms(part)):
+        if any(a is atom for a in atoms(part)):
             inner = 1 if kind == "concat" else int(np.prod([p.size for p in parts[i + 1:]]))
-            return channel_stride(deps, part, atom) * inner
+            return channel_stride(part, atom) * inner
     return 1
 
 
 def _per_channel(deps: Dependencies, group, value, axis: int, vector: np.ndarray) -> np.ndarray:
     """`vector` (one entry per index along value's axis) summed into the group's channels."""
-    index = channel_index(deps, deps.dims[id(value)][axis], group.dim)
+    index = channel_index(deps.dims[id(value)][axis], group.dim)
     hit = index >= 0
     return np.bincount(index[hit], weights=np.asarray(vector, np.float64)[hit], minlength=group.size)
 

@@ -161,6 +161,8 @@ def prune(fn: Callable, *args, params_argnums=None, ratio: float | None = None, 
         # Each round removes the same share of what is left: k rounds compound to the target.
         share = lambda t: None if t is None else 1 - (1 - t) ** (1 / steps)  # noqa: E731
         deps = analyze(graph)
+        if step == 0:
+            original_deps = deps  # the report's "before" (graph is still the original)
         if not deps.groups:
             raise PruneError("nothing in this model can be pruned exactly: "
                              + "; ".join(f"{n}: {r[0]}" for n, _, r in deps.blocked[:8]))
@@ -175,7 +177,7 @@ def prune(fn: Callable, *args, params_argnums=None, ratio: float | None = None, 
         if recover is not None:
             model = model.with_params(recover(model))
             leaves = list(jax.tree_util.tree_leaves(model.args))
-    model.report = build_report(original, graph, analyze(original), kept, measure=measure)
+    model.report = build_report(original, graph, original_deps, kept, measure=measure)
     model.report.multiple, model.report.multiple_times = chosen, times
     if evaluate is not None:
         unpruned = lambda *inputs: fn(*PrunedModel(original, args, {}, None).arguments(inputs))  # noqa: E731
@@ -294,7 +296,7 @@ def _stride(deps: Dependencies, group) -> int:
     (flattened row-major): 1 for a layer's output channels, head_dim for attention heads."""
     strides = []
     for arg, axis in group.params:
-        within = _importance.channel_stride(deps, deps.dims[id(arg)][axis], group.dim)
+        within = _importance.channel_stride(deps.dims[id(arg)][axis], group.dim)
         strides.append(within * int(np.prod(arg.type.shape[axis + 1:])))
     return min(strides)
 
@@ -320,7 +322,9 @@ def _examples(deps: Dependencies, leaves, batches, inputs) -> list | None:
 
 
 def _key(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+    from graphopt.trace import key_path_name
+
+    return key_path_name(path)
 
 
 def _flat_params(params) -> dict:

@@ -110,8 +110,8 @@ def _layers(graph) -> dict:
 
     derived, _ = param_derived_values(graph)
     flops = {}
-    for node in graph.walk():
-        if node.op.name in CONTRACTIONS and node.graph is graph:
+    for node in graph.nodes:
+        if node.op.name in CONTRACTIONS:
             for value in node.inputs:
                 if id(value) in derived:
                     path = largest_source(value).path

@@ -40,6 +40,7 @@ import numpy as np
 
 from graphopt.cost import ELEMENTWISE, REDUCTIONS, node_flops
 from graphopt.errors import GraphoptError
+from graphopt.param_derived import unique_name
 from graphopt.passes.prune.dims import Dim, block
 from graphopt.passes.prune.rules import all_values, analyze_nodes, is_call
 
@@ -77,9 +78,6 @@ class Dependencies:
     dims: dict                    # id(value) -> [Dim per axis]
     groups: list[Group]
     blocked: list[tuple[str, int, list[str]]]  # (name, size, reasons) of parameter dimensions not prunable
-
-    def axis_dim(self, value, axis: int) -> Dim:
-        return self.dims[id(value)][axis].find()
 
     def group(self, name: str) -> Group:
         for g in self.groups:
@@ -131,14 +129,6 @@ class Dependencies:
             index = (index[:, None] * part.size + self.kept(part, keep)[None, :]).ravel()
         return index
 
-    def atoms(self, dim: Dim) -> Iterator[Dim]:
-        """The atomic dimensions a dimension is made of (itself if atomic)."""
-        dim = dim.find()
-        if dim.parts is None:
-            yield dim
-        else:
-            for part in dim.parts[1]:
-                yield from self.atoms(part)
 
 
 def analyze(graph) -> Dependencies:
@@ -181,23 +171,23 @@ def _collect(graph, dims) -> Dependencies:
     for vid, axes in dims.items():
         value = values[vid]
         for axis, d in enumerate(axes):
-            for atom in _atoms(d):
+            for atom in atoms(d):
                 members.setdefault(id(atom), []).append((value, axis))
                 if getattr(value, "role", None) == "param":
                     params.setdefault(id(atom), []).append((value, axis))
     exits: dict[int, list] = {}
     for r in roots.values():
         for node, operand, axis in r.exits:
-            for atom in _atoms(dims[id(node.inputs[operand])][axis]):
+            for atom in atoms(dims[id(node.inputs[operand])][axis]):
                 exits.setdefault(id(atom), []).append((node, operand, axis))
     groups, blocked, names = [], [], set()
-    atoms = {id(a): a for r in roots.values() for a in _atoms(r)}
-    for key, atom in sorted(atoms.items(), key=lambda kv: kv[1].serial):
+    found = {id(a): a for r in roots.values() for a in atoms(r)}
+    for key, atom in sorted(found.items(), key=lambda kv: kv[1].serial):
         atom_params = params.get(key, [])
         if atom.size <= 1 or not atom_params:
             continue  # dimensions no parameter holds are not worth naming (batch, sequence)
         producer = min(atom_params, key=lambda m: (_contracted(*m), -m[0].type.ndim))
-        name = _unique(f"{producer[0].path}:{producer[1]}", names)
+        name = unique_name(f"{producer[0].path}:{producer[1]}", names)
         if atom.blocked or key not in exits:
             reasons = atom.blocked or ["no contraction reads it (nothing to save)"]
             blocked.append((name, atom.size, list(dict.fromkeys(reasons))))
@@ -221,22 +211,15 @@ def _contracted(value, axis: int) -> bool:
     return False
 
 
-def _unique(name: str, taken: set) -> str:
-    base, n = name, 1
-    while name in taken:
-        n += 1
-        name = f"{base}#{n}"
-    taken.add(name)
-    return name
-
-
-def _atoms(dim: Dim) -> Iterator[Dim]:
+def atoms(dim: Dim) -> Iterator[Dim]:
+    """The atomic dimensions a dimension is made of, through products and concatenations
+    (itself if atomic)."""
     dim = dim.find()
     if dim.parts is None:
         yield dim
     else:
         for part in dim.parts[1]:
-            yield from _atoms(part)
+            yield from atoms(part)
 
 
 def _block_parts(dim: Dim, reasons) -> None:

@@ -141,14 +141,6 @@ def _reduce(node, ins, outs, dims):
         block(ins[0][axis], f"{node.op.name} reduces over it {_where(node)}")
 
 
-def _argminmax(node, ins, outs, dims):
-    axes = set(node.params["axes"])
-    for a, b in zip([d for i, d in enumerate(ins[0]) if i not in axes], outs[0]):
-        unify(a, b, _where(node))
-    for axis in axes:
-        block(ins[0][axis], f"{node.op.name} reduces over it {_where(node)}")
-
-
 def _cumulative(node, ins, outs, dims):
     _identity(node, ins, outs, dims)
     block(ins[0][node.params["axis"]], f"{node.op.name} accumulates along it {_where(node)}")
@@ -280,7 +272,7 @@ RULES = {
     "constant": _constant, "iota": _iota,
     **{name: _reduce for name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
                                   "reduce_and", "reduce_or", "reduce_xor")},
-    "argmax": _argminmax, "argmin": _argminmax,
+    "argmax": _reduce, "argmin": _reduce,
     **{name: _cumulative for name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")},
 }
 
