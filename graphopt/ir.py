@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 from typing import Any, Iterator, Sequence
@@ -183,9 +184,16 @@ def _user_frame(traceback):
     if _LIBRARY_DIRS is None:
         _LIBRARY_DIRS = _library_dirs()
     for file, line, function in compat.frames(traceback):
-        if not os.path.realpath(file).startswith(_LIBRARY_DIRS) and not file.startswith("<frozen"):
+        if not _in_library(file) and not file.startswith("<frozen"):
             return (file, line, function)
     return compat.user_frame(traceback)
+
+
+@functools.lru_cache(maxsize=None)
+def _in_library(file: str) -> bool:
+    """Whether a source file lies in JAX or a model library (realpath once per file: an analysis
+    that describes every node's provenance asks for the same few files 100k times)."""
+    return os.path.realpath(file).startswith(_LIBRARY_DIRS)
 
 
 class Node:

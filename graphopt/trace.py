@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import traceback as pytraceback
 from typing import Any, Callable
@@ -53,6 +55,35 @@ def trace(fn: Callable, *example_args, params_argnums=None, static_argnums=()) -
         The Graph; `graphopt.lower(graph)` takes the non-static arguments (for nnx and Equinox
         modules: the module state, then the call arguments).
     """
+    traced = trace_jaxpr(fn, *example_args, params_argnums=params_argnums, static_argnums=static_argnums)
+    graph = Graph(traced.name)
+    graph.in_tree = traced.in_tree
+    graph.param_argnums = traced.adapted.params_argnums
+    graph.out_tree = jax.tree_util.tree_structure(traced.out_shape)
+    for (path, _), var in zip(traced.leaves, compat.jaxpr_parts(traced.jaxpr)[2]):
+        role, name = _role_and_path(traced.adapted, path)
+        graph.add_input(TensorType.of_aval(compat.aval_of(var)), role, name)
+    with gc_paused():
+        graph.set_outputs(_Converter().convert(graph, traced.jaxpr, graph.inputs, ""))
+    return graph
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedJaxpr:
+    """JAX's trace of a model, before graphopt converts it (see `trace_jaxpr`)."""
+
+    name: str            # the model's name ("Transformer.apply")
+    adapted: Adapted     # the framework adapter's pure function and arguments
+    leaves: list         # (key path, leaf) of every array argument
+    in_tree: Any
+    jaxpr: Any           # the closed jaxpr
+    out_shape: Any       # output pytree of ShapeDtypeStructs
+
+
+def trace_jaxpr(fn: Callable, *example_args, params_argnums=None, static_argnums=()) -> TracedJaxpr:
+    """The first half of `trace`: static arguments dropped, the framework adapted, the arguments
+    checked and the model traced by JAX, with graphopt's error messages (`TraceError` naming the
+    argument or the model's source line). The program cache keys on it too."""
     model_name = _model_name(fn)
     fn, example_args, params_argnums = _drop_static(fn, example_args, params_argnums, static_argnums)
     adapted = adapt(fn, example_args, params_argnums)
@@ -61,16 +92,7 @@ def trace(fn: Callable, *example_args, params_argnums=None, static_argnums=()) -
         closed_jaxpr, out_shape = compat.make_jaxpr_with_shape(adapted.fn, adapted.args)
     except Exception as err:
         raise _explain_trace_failure(model_name, err) from err
-    graph = Graph(model_name)
-    graph.in_tree = in_tree
-    graph.param_argnums = adapted.params_argnums
-    graph.out_tree = jax.tree_util.tree_structure(out_shape)
-    for (path, _), var in zip(leaves, compat.jaxpr_parts(closed_jaxpr)[2]):
-        role, name = _role_and_path(adapted, path)
-        graph.add_input(TensorType.of_aval(compat.aval_of(var)), role, name)
-    with gc_paused():
-        graph.set_outputs(_Converter().convert(graph, closed_jaxpr, graph.inputs, ""))
-    return graph
+    return TracedJaxpr(model_name, adapted, leaves, in_tree, closed_jaxpr, out_shape)
 
 
 def _model_name(fn) -> str:

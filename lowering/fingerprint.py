@@ -58,19 +58,17 @@ class Fingerprint:
 def fingerprint(fn: Callable, *args, params_argnums=None, static_argnums=(),
                 pipeline="default") -> Fingerprint | None:
     """The key of `optimize(fn, pipeline=...)` called with `args`; None when no sound key exists."""
-    from graphopt.frameworks import adapt
-    from graphopt.trace import _drop_static, _model_name
+    from graphopt.trace import trace_jaxpr
 
-    static = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
-    name = _model_name(fn)
-    pure, dynamic, param_nums = _drop_static(fn, args, params_argnums, static)
-    adapted = adapt(pure, dynamic, param_nums)
-    closed, out_shape = compat.make_jaxpr_with_shape(adapted.fn, adapted.args)
     passes = pipeline_description(pipeline)
     kernels = kernel_description()
     if passes is None or kernels is None:
         return None
-    leaves, in_tree = jax.tree_util.tree_flatten(adapted.args)
+    static = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+    traced = trace_jaxpr(fn, *args, params_argnums=params_argnums, static_argnums=static)
+    name, adapted, closed, out_shape, in_tree = (traced.name, traced.adapted, traced.jaxpr,
+                                                 traced.out_shape, traced.in_tree)
+    leaves = [leaf for _, leaf in traced.leaves]
     static_values = [(i % len(args), repr(args[i % len(args)])) for i in static]
     if any(_ADDRESS.search(text) for _, text in static_values):
         logger.debug("no program key: a static argument's repr holds an object address")

@@ -191,3 +191,15 @@ def test_an_unwritable_cache_folder_runs_uncached(tmp_path):
         assert jax.config.jax_compilation_cache_dir is None or "file" not in jax.config.jax_compilation_cache_dir
     finally:
         cache.configure(path=None, enabled=None)
+
+
+def test_with_the_cache_on_bad_models_get_graphopts_trace_errors(cache_dir):
+    # The key is computed from the same checked trace as graphopt.trace: same errors.
+    with pytest.raises(graphopt.TraceError, match="argument 's' is a str, not an array"):
+        graphopt.optimize(lambda x, s: x)(jnp.ones(2), "text")
+
+    def branches(x):
+        return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(graphopt.TraceError, match="cannot trace branches"):
+        graphopt.optimize(branches)(jnp.ones(2))
