@@ -200,15 +200,14 @@ def without_compilation_cache():
     CPU, an executable loaded from that cache serializes without some of its functions (running
     the deserialized copy fails with 'Function ... not found'). JAX decides once per process
     whether the cache is in use; the decision is reset on entry and on exit."""
-    from jax._src import compilation_cache as _compilation_cache
     from jax._src import config as _config
 
     with _config.enable_compilation_cache(False):
-        _compilation_cache.reset_cache()
+        reset_compilation_cache()
         try:
             yield
         finally:
-            _compilation_cache.reset_cache()
+            reset_compilation_cache()
 
 
 def serialize_executable(compiled) -> bytes:

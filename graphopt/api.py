@@ -27,7 +27,6 @@ import numpy as np
 from graphopt.frameworks import adapt
 from graphopt.ir import Graph, gc_paused
 from graphopt.lowering import cache, program_cache
-from graphopt.lowering.cache import logger as cache_logger
 from graphopt.lowering.emit import lower
 from graphopt.lowering.fingerprint import fingerprint
 from graphopt.pipeline import PipelineSpec, resolve, run_pipeline
@@ -188,7 +187,7 @@ class Optimized:
         program = program_cache.load(folder, fp)
         if program is not None:
             cache.count("program_hits")
-            cache_logger.debug("program cache hit: %s", fp.key)
+            cache.logger.debug("program cache hit: %s", fp.key)
             return program
         cache.count("program_misses")
         graph = self._graph_for(key, call_args, args)
@@ -197,11 +196,11 @@ class Optimized:
             program = program_cache.parse(data, fp)  # run what the next process will load
             program_cache.write(folder, fp, data)
         except Exception as err:  # noqa: BLE001  (not exportable, disk full: run uncached)
-            cache_logger.debug("program cache: not storing %s (%s: %s)", fp.key, type(err).__name__, err)
+            cache.logger.debug("program cache: not storing %s (%s: %s)", fp.key, type(err).__name__, err)
             cache.count("program_skipped")
             return None
         cache.count("program_stores")
-        cache_logger.debug("program cache store: %s", fp.key)
+        cache.logger.debug("program cache store: %s", fp.key)
         return program
 
     def _abstract(self, args: tuple) -> tuple:

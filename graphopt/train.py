@@ -44,14 +44,12 @@ def distill(student: Callable, teacher: Callable, params, batches: Iterable, *, 
     GradientTransformation (default adam at `learning_rate`). `params` itself is not modified.
     `progress`: a progress bar on a terminal.
     """
-    import optax
-
     if loss not in ("kl", "mse"):
         raise TrainingError(f"distill: loss must be 'kl' or 'mse', got {loss!r}")
-    batches = _checked(batches, steps)
-    optimizer = optimizer or optax.adam(learning_rate)
 
-    def objective(p, x, target):
+    def objective(p, batch):
+        x = inputs(batch) if inputs else batch
+        target = jax.lax.stop_gradient(teacher(x).astype(jnp.float32))
         out = student(p, x)
         if loss == "mse":
             return jnp.mean((out.astype(jnp.float32) - target) ** 2)
@@ -59,18 +57,7 @@ def distill(student: Callable, teacher: Callable, params, batches: Iterable, *, 
         log_p = jax.nn.log_softmax(target / temperature, axis=-1)
         return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)) * temperature ** 2
 
-    @jax.jit
-    def step(p, state, x):
-        target = jax.lax.stop_gradient(teacher(x).astype(jnp.float32))
-        value, grads = jax.value_and_grad(objective)(p, x, target)
-        updates, state = optimizer.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, value
-
-    params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the caller's arrays stay as they are
-    state = optimizer.init(params)
-    for batch in _steps(batches, steps, "distilling", progress):
-        params, state, _ = step(params, state, inputs(batch) if inputs else batch)
-    return params
+    return _train(objective, params, batches, steps, optimizer, learning_rate, "distilling", progress)
 
 
 def fine_tune(fn: Callable, params, batches: Iterable, loss: Callable, *, steps: int,
@@ -81,29 +68,35 @@ def fine_tune(fn: Callable, params, batches: Iterable, loss: Callable, *, steps:
     `inputs(batch)` gives `x` (default: the batch itself), e.g. `lambda b: b[0]` for (x, y)
     batches whose labels the loss reads. `optimizer`: an optax GradientTransformation. `progress`:
     a progress bar on a terminal."""
+    def objective(p, batch):
+        return loss(fn(p, inputs(batch) if inputs else batch), batch)
+
+    return _train(objective, params, batches, steps, optimizer, learning_rate, "fine-tuning", progress)
+
+
+def _train(objective: Callable, params, batches: Iterable, steps: int, optimizer, learning_rate: float,
+           description: str, progress: bool):
+    """`steps` optimizer steps on `objective(params, batch)`, cycling through `batches`; the new
+    params (a copy: the caller's arrays stay as they are)."""
     import optax
+
+    from graphopt.progress import track
 
     batches = _checked(batches, steps)
     optimizer = optimizer or optax.adam(learning_rate)
 
     @jax.jit
     def step(p, state, batch):
-        value, grads = jax.value_and_grad(lambda q: loss(fn(q, inputs(batch) if inputs else batch), batch))(p)
+        value, grads = jax.value_and_grad(objective)(p, batch)
         updates, state = optimizer.update(grads, state, p)
         return optax.apply_updates(p, updates), state, value
 
     params = jax.tree_util.tree_map(jnp.array, params)
     state = optimizer.init(params)
-    for batch in _steps(batches, steps, "fine-tuning", progress):
+    cycled = itertools.islice(itertools.cycle(batches), steps)
+    for batch in track(cycled, description, total=steps, enabled=progress):
         params, state, _ = step(params, state, batch)
     return params
-
-
-def _steps(batches: list, steps: int, description: str, progress: bool):
-    """`steps` batches, cycling through `batches`, with a progress bar."""
-    from graphopt.progress import track
-
-    return track(itertools.islice(itertools.cycle(batches), steps), description, total=steps, enabled=progress)
 
 
 def _checked(batches, steps: int) -> list:

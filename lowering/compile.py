@@ -267,9 +267,10 @@ class LoadedProgram:
         if len(leaves) != len(expected):
             raise TargetError(f"the program takes {len(expected)} arrays, got {len(leaves)}")
         for i, (leaf, spec) in enumerate(zip(leaves, expected)):
-            if list(np.shape(leaf)) != spec["shape"] or str(np.asarray(leaf).dtype) != spec["dtype"]:
+            dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype  # no copy off a device
+            if list(np.shape(leaf)) != spec["shape"] or str(dtype) != spec["dtype"]:
                 raise TargetError(f"input {i}: expected {spec['dtype']}{spec['shape']}, got "
-                                  f"{np.asarray(leaf).dtype}{list(np.shape(leaf))}")
+                                  f"{dtype}{list(np.shape(leaf))}")
         return _jax_compat.execute(self.executable, [jax.device_put(leaf) for leaf in leaves])
 
 

@@ -36,9 +36,6 @@ def export(graph_or_fn: Graph | Callable, *example_args, platforms: Sequence[str
         or, when their pytree holds types jax.export cannot serialize (e.g. an nnx `State`),
         their flat leaves: `exported.call(*jax.tree.leaves(args))`, returning a list of leaves.
     """
-    from graphopt.lowering.cache import enable_compilation_cache
-
-    enable_compilation_cache()
     if isinstance(graph_or_fn, Graph):
         graph = graph_or_fn
     else:

@@ -150,7 +150,7 @@ def parse(data: bytes, fp: Fingerprint) -> "StoredProgram":
     weak = header["weak_outputs"]
     if len(weak) != header["outputs"]:
         raise EntryError("the header's output types do not match its output count")
-    return StoredProgram(program, prep, fp.out_tree, fp.key, weak)
+    return StoredProgram(program, prep, fp.out_tree, weak)
 
 
 class StoredProgram:
@@ -158,12 +158,10 @@ class StoredProgram:
     (`prep.arguments(prep.params(*args), args)` of the traced arguments when `prep` is not None);
     it returns the model's output pytree."""
 
-    def __init__(self, exported, prep: "StoredPrep | None", out_tree, key: str, weak_outputs=None):
-        self.exported = exported
+    def __init__(self, exported, prep: "StoredPrep | None", out_tree, weak_outputs: list):
         self.prep = prep
         self.out_tree = out_tree
-        self.key = key
-        weak = list(weak_outputs or [False] * len(exported.out_avals))
+        weak = list(weak_outputs)
 
         def call(*leaves):
             # jax.export does not keep weak types; they decide later promotions, so restore them.
