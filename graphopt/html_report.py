@@ -120,14 +120,14 @@ def _params(params: dict) -> list[list[str]]:
 
 
 def _passes_data(report) -> list[dict]:
-    from graphopt.pipeline import _arrow, _count, _size
+    from graphopt.pipeline import _arrow, _count, size_str
 
     rows = []
     for r in (report.records if report is not None else []):
         rules = ", ".join(f"{k.removeprefix(r.name + '/')}×{v}" for k, v in r.fired.most_common())
         rows.append({"pass": r.name, "status": r.status, "contract": r.contract,
                      "nodes": _arrow(*r.nodes), "flops": _arrow(*r.flops, _count),
-                     "bytes": _arrow(*r.bytes, _size), "ms": f"{r.seconds * 1e3:.1f}",
+                     "bytes": _arrow(*r.bytes, size_str), "ms": f"{r.seconds * 1e3:.1f}",
                      "error": "" if r.error is None else f"{r.error:.2g}", "rules": rules,
                      "notes": [str(n) for n in r.notes]})
     return rows

@@ -237,7 +237,7 @@ class Report:
                 rules += f", +{len(r.fired) - 4} more"
             error = "" if r.error is None else f"{r.error:.2g}"
             name = r.name if r.status == "ok" else f"{r.name} ({r.status})"
-            table.add_row(name, r.contract, _arrow(*r.nodes), _arrow(*r.flops, _count), _arrow(*r.bytes, _size),
+            table.add_row(name, r.contract, _arrow(*r.nodes), _arrow(*r.flops, _count), _arrow(*r.bytes, size_str),
                           f"{r.seconds * 1e3:.1f}", error, rules)
         return table
 
@@ -263,7 +263,8 @@ def _count(n: float) -> str:
     return f"{n:.3g}P"
 
 
-def _size(n: float) -> str:
+def size_str(n: float) -> str:
+    """Bytes for people: `size_str(3 * 2**20)` → '3 MiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"

@@ -253,13 +253,13 @@ def report_html(report) -> str:
     >>> "canonicalize" in report_html(result.report) and "neg-neg" in report_html(result.report)
     True
     """
-    from graphopt.pipeline import _arrow, _count, _size
+    from graphopt.pipeline import _arrow, _count, size_str
 
     rows = []
     for r in report.records:
         rules = ", ".join(f"{k.removeprefix(r.name + '/')}×{v}" for k, v in r.fired.most_common())
         name = r.name if r.status == "ok" else f"{r.name} ({r.status})"
-        rows.append([name, r.contract, _arrow(*r.nodes), _arrow(*r.flops, _count), _arrow(*r.bytes, _size),
+        rows.append([name, r.contract, _arrow(*r.nodes), _arrow(*r.flops, _count), _arrow(*r.bytes, size_str),
                      f"{r.seconds * 1e3:.1f}", "" if r.error is None else f"{r.error:.2g}", rules])
     header = ["pass", "contract", "nodes", "FLOPs", "bytes", "ms", "error", "rules fired"]
     return f"<div>{_html_table(header, rows, 'graphopt pipeline', numeric={2, 3, 4, 5, 6})}</div>"

@@ -38,7 +38,7 @@ import numpy as np
 from graphopt import _jax_compat
 from graphopt.errors import TargetError
 from graphopt.ir import Graph
-from graphopt.lowering.emit import lower
+from graphopt.lowering.emit import lower, target_backend
 from graphopt.lowering.export import input_specs
 from graphopt.lowering.target import Target, devices, parse_target
 from graphopt.param_prep import prepare
@@ -168,16 +168,18 @@ def compile(fn_or_graph: Graph | Callable, *args, target: str | Target = "cpu", 
         if isinstance(fn_or_graph, Graph):
             raise TargetError("compile(mesh=...) shards a model: give the function and its arguments, "
                               "not a Graph")
-        lowered, graph = _sharded_lowering(fn_or_graph, args, available, mesh, pipeline=pipeline,
+        lowered, graph = _sharded_lowering(fn_or_graph, args, available, mesh,
+                                           pipeline=for_backend(pipeline, target.platform),
                                            params_argnums=params_argnums, rules=rules, fsdp=fsdp)
     else:
         graph = fn_or_graph if isinstance(fn_or_graph, Graph) else _optimized_graph(
-            fn_or_graph, args, pipeline, params_argnums, static_argnums)
+            fn_or_graph, args, pipeline, params_argnums, static_argnums, target.platform)
         sharding = jax.sharding.SingleDeviceSharding(available[0])
         specs = jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, weak_type=s.weak_type, sharding=sharding),
             input_specs(graph))
-        lowered = jax.jit(lower(graph)).lower(*specs)
+        with target_backend(target.platform):  # the target's kernels, not this machine's
+            lowered = jax.jit(lower(graph)).lower(*specs)
     with _jax_compat.without_compilation_cache():  # its executables must serialize whole
         compiled = lowered.compile()
     return CompiledProgram(target=target, graph=graph, device_kind=available[0].device_kind,
@@ -197,7 +199,8 @@ def _sharded_lowering(fn, args, available: list, mesh, **options):
                           f"{len(available)}: choose a larger topology or a smaller mesh")
     grid = np.asarray(available[:count], dtype=object).reshape(sizes["data"], sizes["model"])
     sharded = shard(fn, *args, mesh=jax.sharding.Mesh(grid, ("data", "model")), **options)
-    return sharded.lower(), sharded.graph
+    with target_backend(available[0].platform):
+        return sharded.lower(), sharded.graph
 
 
 def comparison_table(programs: dict[str, CompiledProgram]) -> str:
@@ -274,12 +277,36 @@ class LoadedProgram:
         return _jax_compat.execute(self.executable, [jax.device_put(leaf) for leaf in leaves])
 
 
-def _optimized_graph(fn, args, pipeline, params_argnums, static_argnums) -> Graph:
+def _optimized_graph(fn, args, pipeline, params_argnums, static_argnums, platform: str) -> Graph:
     from graphopt.pipeline import run_pipeline
     from graphopt.trace import trace
 
     graph = trace(fn, *args, params_argnums=params_argnums, static_argnums=static_argnums)
-    return run_pipeline(graph, pipeline).graph
+    return run_pipeline(graph, for_backend(pipeline, platform)).graph
+
+
+def for_backend(pipeline, platform: str) -> list:
+    """`pipeline` with its kernel choices made for `platform`: passes that take a `backend=`
+    option (fuse_attention) get the target's, unless the spec names one; otherwise they would
+    measure this machine's kernels and pick for it.
+
+    Example:
+        >>> [getattr(p, "options", None) for p in for_backend(["dce", "fuse_attention"], "tpu")]
+        [{}, {'backend': 'tpu'}]
+    """
+    import inspect
+
+    from graphopt.pipeline import PASSES, PassSpec, resolve
+
+    out = []
+    for info, spec in resolve(pipeline):
+        if PASSES.get(info.name) is not info:  # a user's own pass function: as it is
+            out.append(info.fn)
+            continue
+        if "backend" in inspect.signature(info.fn).parameters and "backend" not in spec.options:
+            spec = PassSpec(spec.name, spec.args, {**spec.options, "backend": platform})
+        out.append(spec)
+    return out
 
 
 def _cost(compiled) -> Cost:

@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Callable, Sequence
 
 import jax
@@ -80,7 +82,7 @@ def evaluate(graph: Graph, flat_args: Sequence[Any], module_path: str = "") -> l
             if isinstance(op, PrimitiveOp):
                 outs = compat.bind(op.primitive, args, node.params)
             else:
-                backend = backend or jax.default_backend()
+                backend = backend or _TARGET_BACKEND.get() or jax.default_backend()
                 outs = _run_opdef(node, op, args, backend)
         if len(outs) != len(node.outputs):
             raise GraphError(f"{op.name} lowered to {len(outs)} results, expected {len(node.outputs)}", node)
@@ -182,6 +184,21 @@ def _type_str(value) -> str:
 
 def _given_signature(inputs, flat) -> str:
     return "(" + ", ".join(f"{a.path or a.index}: {_type_str(v)}" for a, v in zip(inputs, flat)) + ")"
+
+
+_TARGET_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("graphopt_backend", default=None)
+
+
+@contextlib.contextmanager
+def target_backend(platform: str):
+    """Lower graphopt ops with `platform`'s kernels while tracing in this context, instead of the
+    default backend's: for compiling on one machine for another (`graphopt.compile` for a TPU
+    topology from a CPU host)."""
+    token = _TARGET_BACKEND.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
 
 
 def lower(graph: Graph) -> GraphFunction:

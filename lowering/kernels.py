@@ -131,7 +131,14 @@ def _pallas_support(in_types, p) -> str | None:
     _, _, nk, _ = attention_dims(in_types[1], p["layout"])
     if n != nk:
         return f"grouped kv heads ({n} query heads, {nk} kv heads)"
+    tq, tk = attention_dims(in_types[0], p["layout"])[1], attention_dims(in_types[1], p["layout"])[1]
+    if tq < _PALLAS_BLOCK or tk < _PALLAS_BLOCK or tk % _PALLAS_BLOCK:
+        return (f"sequence lengths {tq} (queries) and {tk} (keys): the kernel's {_PALLAS_BLOCK}-token "
+                f"blocks need both >= {_PALLAS_BLOCK} and the keys a multiple of {_PALLAS_BLOCK}")
     return None
+
+
+_PALLAS_BLOCK = 128  # the Pallas TPU flash kernel's default block sizes (BlockSizes.get_default)
 
 
 if _pallas_flash is not None:

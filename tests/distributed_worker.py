@@ -124,6 +124,7 @@ def main(argv: list[str]) -> None:
     import numpy as np
 
     from graphopt.demo import DemoConfig, Transformer
+    from graphopt.sharding import count_collectives
     phase("import_and_initialize")
 
     mesh = dist.global_mesh(data=num_processes, model=cpu_devices)
@@ -139,6 +140,7 @@ def main(argv: list[str]) -> None:
         phase(f"{mode}:optimize_and_compile")
         gathered = dist.gather(logits)
         phase(f"{mode}:run_and_gather")
+        collectives = count_collectives(hlo)
         up = params["params"]["block_0"]["up"]["kernel"]
         facts["modes"][mode] = {
             "up_kernel_spec": str(up.sharding.spec),
@@ -146,7 +148,7 @@ def main(argv: list[str]) -> None:
             "batch_local_shards": [list(s.data.shape) for s in batch.addressable_shards],
             "logits_shape": list(logits.shape), "logits_spec": str(logits.sharding.spec),
             "logits_fully_addressable": bool(logits.is_fully_addressable),
-            "all_reduce_ops": hlo.count(" all-reduce("), "all_gather_ops": hlo.count(" all-gather("),
+            "all_reduce_ops": collectives["all-reduce"], "all_gather_ops": collectives["all-gather"],
         }
         np.save(os.path.join(out_dir, f"logits_{mode}_{process_id}.npy"), gathered, allow_pickle=False)
     facts["phases_wall_cpu_s"] = phases

@@ -51,14 +51,12 @@ class WeightDot:
 
 @dataclasses.dataclass
 class Analysis:
-    graph: Graph
     dims: dict                     # id(value) -> [Dim per axis]
     layers: list[WeightDot]
     tensor_parallel: list[Dim]     # chosen order: heads first, then graph order
     head_like: set                 # ids of the atoms of an activation x activation dot's batch dims
     batch: set                     # ids of the leading dims of the model inputs' axis 0
     to_output: set                 # ids of dims that reach a model output
-    act_contracted: set            # ids of dims an activation x activation dot contracts
     holders: dict                  # id(dim) -> [(param path, axis)] whose axis leads with it
 
     def lead(self, value: Value, axis: int) -> Dim:
@@ -127,7 +125,7 @@ def analyze(graph: Graph) -> Analysis:
     candidates = [d for key, d in produced.items() if key in consumed and key not in act_contracted
                   and key not in batch and not d.find().blocked and d.size > 1]
     candidates.sort(key=lambda d: (id(d) not in head_like, d.serial))
-    return Analysis(graph, dims, layers, candidates, head_like, batch, to_output, act_contracted, holders)
+    return Analysis(dims, layers, candidates, head_like, batch, to_output, holders)
 
 
 def _follow_gathers(graph: Graph, dims: dict) -> None:

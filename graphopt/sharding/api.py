@@ -20,7 +20,7 @@ from graphopt.errors import GraphoptError
 from graphopt.frameworks import adapt
 from graphopt.ir import Graph
 from graphopt.lowering.emit import lower
-from graphopt.pipeline import PipelineSpec, resolve, run_pipeline
+from graphopt.pipeline import PipelineSpec, run_pipeline
 from graphopt.sharding.mesh import device_mesh
 from graphopt.sharding.plan import Plan, make_plan
 from graphopt.sharding.report import ShardingReport, count_collectives, param_memory
@@ -73,7 +73,7 @@ class Sharded:
         self.mesh = device_mesh(mesh)
         graph = trace(fn, *args, params_argnums=params_argnums)
         graph, self.plan = shard_graph(graph, self.mesh, rules=rules, fsdp=fsdp)
-        disable = ("fold_params",) if any(info.name == "fold_params" for info, _ in resolve(pipeline)) else ()
+        disable = ("fold_params",)
         self.pipeline_report = None
         if pipeline:
             result = run_pipeline(graph, pipeline, disable=disable)

@@ -28,7 +28,7 @@ class ShardingError(GraphoptError, ValueError):
 
 def mesh_sizes(mesh) -> dict[str, int]:
     """{"data": d, "model": m} for a Mesh, a dict of sizes (a missing axis is 1) or "DxM"."""
-    if isinstance(mesh, (jax.sharding.Mesh, getattr(jax.sharding, "AbstractMesh", ()))):
+    if isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
         sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     elif isinstance(mesh, str):
         match = re.fullmatch(r"\s*(\d+)\s*[x×*]\s*(\d+)\s*", mesh)
@@ -65,7 +65,4 @@ def device_mesh(mesh) -> jax.sharding.Mesh:
                 f"visible ({available[0].platform}). On CPU, set XLA_FLAGS="
                 f"--xla_force_host_platform_device_count={count} before JAX starts.")
         devices = np.asarray(available[:count]).reshape(sizes["data"], sizes["model"])
-    auto = getattr(jax.sharding, "AxisType", None)
-    if auto is None:  # JAX without axis types: every axis is automatic
-        return jax.sharding.Mesh(devices, AXES)
-    return jax.sharding.Mesh(devices, AXES, axis_types=(auto.Auto,) * len(AXES))
+    return jax.sharding.Mesh(devices, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))

@@ -17,6 +17,7 @@ import re
 
 import numpy as np
 
+from graphopt.pipeline import size_str
 from graphopt.sharding.plan import Plan, per_device_shape
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -51,14 +52,6 @@ def param_memory(plan: Plan) -> ParamMemory:
         local = int(np.prod(per_device_shape(e.shape, e.spec, plan.mesh), dtype=np.int64)) * e.dtype.itemsize
         per_param[e.path] = (local, int(np.prod(e.shape, dtype=np.int64)) * e.dtype.itemsize)
     return ParamMemory(sum(a for a, _ in per_param.values()), sum(b for _, b in per_param.values()), per_param)
-
-
-def size_str(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024
-    return ""
 
 
 def _spec_str(spec) -> str:

@@ -95,3 +95,14 @@ def test_sharded_compile_splits_the_parameters_across_tpu_chips(transformer):
     assert "collectives: all-reduce 2" in sharded.summary()
     with pytest.raises(TargetError, match="a 2x4 mesh needs 8 devices; the target has 4"):
         graphopt.compile(model.apply, variables, tokens, target="tpu:v5e:2x2", mesh="2x4")
+
+
+@needs_libtpu
+def test_a_tpu_target_gets_tpu_kernels_not_this_machines():
+    # The pipeline picks kernels for the target (fuse_attention(backend="tpu")) and the lowering
+    # emits them: at 128 tokens, the Pallas flash kernel, a Mosaic custom call in the TPU program.
+    model, variables, tokens = demo_model(DemoConfig(layers=1, seq=128))
+    program = graphopt.compile(model.apply, variables, tokens, target="tpu:v5e:2x2")
+    assert [n.params["implementation"] for n in program.graph.walk() if n.op.name == "attention"] == \
+        ["pallas_flash"]
+    assert "tpu_custom_call" in program.hlo
