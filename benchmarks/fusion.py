@@ -43,7 +43,9 @@ from rich.console import Console
 from rich.table import Table
 
 import graphopt
+from graphopt.lowering.compile import memory_analysis
 from graphopt.pipeline import PIPELINES, run_pipeline
+from graphopt.validate import relative_error
 
 
 # --- decoder transformer -------------------------------------------------------------------------
@@ -138,19 +140,6 @@ def optimize(fn, args, pipeline):
                           "fuse_attention": chosen, "notes": notes}
 
 
-def _peak_bytes(compiled) -> int | None:
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return None
-    return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-            - stats.alias_size_in_bytes)
-
-
-def _relative_error(actual, expected) -> float:
-    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-30))
-
-
 def compare(name, fn, args, pipeline, repeats) -> dict:
     graph, info = optimize(fn, args, pipeline)
     opt_args = graphopt.prepare(graph, *args)
@@ -158,7 +147,7 @@ def compare(name, fn, args, pipeline, repeats) -> dict:
     opt = jax.jit(graphopt.lower(graph)).lower(*opt_args).compile()
     runs = {"base": lambda: jax.block_until_ready(base(*args)),
             "opt": lambda: jax.block_until_ready(opt(*opt_args))}
-    error = _relative_error(runs["opt"](), runs["base"]())
+    error = relative_error(np.asarray(runs["opt"]()), np.asarray(runs["base"]()))
     times = {"base": [], "opt": []}
     for i in range(repeats):
         for which in (("base", "opt") if i % 2 == 0 else ("opt", "base")):
@@ -169,7 +158,7 @@ def compare(name, fn, args, pipeline, repeats) -> dict:
     return {"model": name, **info, "error": error, "base_ms": 1e3 * statistics.median(times["base"]),
             "opt_ms": 1e3 * statistics.median(times["opt"]), "ratio": statistics.median(ratios),
             "ratio_p10": float(np.percentile(ratios, 10)), "ratio_p90": float(np.percentile(ratios, 90)),
-            "base_peak": _peak_bytes(base), "opt_peak": _peak_bytes(opt)}
+            "base_peak": memory_analysis(base).peak_bytes, "opt_peak": memory_analysis(opt).peak_bytes}
 
 
 def run(args) -> list[dict]:

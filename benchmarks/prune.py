@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graphopt  # noqa: E402
 from graphopt.cost import graph_flops  # noqa: E402
 from measure import machine_info, print_tables, ratio_text, speed_ratio  # noqa: E402
-from zoo import charlm, digits  # noqa: E402
+from zoo import charlm, count_params, digits  # noqa: E402
 
 MODULES = {"digits": digits, "charlm": charlm}
 
@@ -79,7 +79,7 @@ def run_model(name: str, targets, importances, repeats: int, recover_steps: int,
             metric_recovered = module.evaluate(lambda _, b: recovered(b), None, trained.data)
             compiled, args = jax.jit(graphopt.lower(recovered.graph)), recovered.arguments((x,))
             speed = speed_ratio(lambda: compiled(*args), baseline, repeats)  # the programs, not call overheads
-            pruned_flops = graph_flops(pruned.graph)[0]
+            pruned_flops = pruned.report.totals["flops"][1]
             rows.append({"label": label, "target": target, "importance": importance, "metric": metric,
                          "recovered": metric_recovered, "flops": pruned_flops, "speed": speed,
                          "params": int(pruned.report.totals["params"][1]), "prune_seconds": seconds,
@@ -87,7 +87,7 @@ def run_model(name: str, targets, importances, repeats: int, recover_steps: int,
                          "multiple_ms": {str(m): t * 1e3 for m, t in pruned.report.multiple_times.items()},
                          "efficiency": (1 / speed["ratio"]) / (flops / pruned_flops)})
     return {"model": name, "metric": "accuracy" if name == "digits" else "perplexity", "unpruned": unpruned,
-            "flops": flops, "params": int(sum(np.size(v) for v in jax.tree.leaves(variables))),
+            "flops": flops, "params": count_params(variables),
             "recover_steps": recover_steps, "rows": rows}
 
 

@@ -51,7 +51,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import graphopt  # noqa: E402
 from graphopt.errors import GraphoptError  # noqa: E402
-from graphopt.pipeline import resolve  # noqa: E402
+from graphopt.lowering.compile import memory_analysis  # noqa: E402
+from graphopt.pipeline import PASSES, resolve  # noqa: E402
+from graphopt.validate import relative_error  # noqa: E402
 from graphopt.testing import leaf_mismatch  # noqa: E402
 from measure import machine_info, nbytes  # noqa: E402
 import run_report  # noqa: E402
@@ -66,7 +68,6 @@ PIPELINES = {
     "int8_dynamic": ("quantize", "int8_dynamic"),
     "prune30": ("prune", 0.3),
 }
-QUANTIZE_BOUND = 0.25   # the quantize pass's contract, approximate(0.25) (passes/quantize.py)
 PEERS = ("onnxruntime",)
 PEER_CONTRACT = {"kind": "peer", "bound": None}   # another runtime: its error is reported, not checked
 
@@ -89,7 +90,7 @@ def contract(pipeline: str) -> dict:
     passes = resolve("default" if kind == "quantize" else what)
     bound = sum(info.contract.bound for info, _ in passes if info.contract.kind == "approximate")
     if kind == "quantize":
-        bound += QUANTIZE_BOUND
+        bound += PASSES["quantize"].contract.bound
     return {"kind": "approximate", "bound": bound} if bound else {"kind": "exact", "bound": 0.0}
 
 
@@ -154,13 +155,8 @@ def _spread(values, scale) -> dict:
 
 def peak_bytes(compiled) -> int | None:
     """arguments + outputs + temporaries − aliased bytes of a compiled program (None if unknown)."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 -- some backends do not implement it
-        return None
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    memory = memory_analysis(compiled)
+    return None if memory is None else memory.peak_bytes
 
 
 def compare(actual, expected, contract_: dict) -> dict:
@@ -178,10 +174,8 @@ def compare(actual, expected, contract_: dict) -> dict:
                     "why": f"output {e.dtype}{list(e.shape)} became {a.dtype}{list(a.shape)}"}
         a64, e64 = a.astype(np.float64), e.astype(np.float64)
         finite = np.isfinite(a64) & np.isfinite(e64)
-        diff = float(np.abs(a64 - e64)[finite].max(initial=0.0))
-        scale = float(np.abs(e64)[finite].max(initial=0.0))
-        absolute = max(absolute, diff)
-        rel = max(rel, diff / scale if scale else (0.0 if diff == 0 else float("inf")))
+        absolute = max(absolute, float(np.abs(a64 - e64)[finite].max(initial=0.0)))
+        rel = max(rel, relative_error(a, e))
         if contract_["kind"] == "exact":
             why = why or leaf_mismatch(a, e)
         elif not np.array_equal(np.isfinite(a64), np.isfinite(e64)):
@@ -258,8 +252,7 @@ def peer_rows(peer: str, model, common: dict, repeats: int, baseline_ms: float, 
         except Exception as error:  # noqa: BLE001 -- a peer that cannot run a model is a row, not a crash
             rows.append(dict(row, status="n/a", reason=f"{type(error).__name__}: {_first_line(error)}"))
             continue
-        latency = result.get("latency_ms") or {"median": result["ms"], "p10": result["p10_ms"],
-                                               "p90": result["p90_ms"]}
+        latency = {"median": result["ms"], "p10": result["p10_ms"], "p90": result["p90_ms"]}
         ratio = {k: v / baseline_ms for k, v in latency.items()}
         error = result.get("max_error")
         scale = result.get("reference_max")

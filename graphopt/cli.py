@@ -319,7 +319,7 @@ def _export(args) -> int:
 
 
 def _compile(args) -> int:
-    from graphopt.lowering.compile import compile
+    from graphopt.lowering.compile import compile, for_backend
     from graphopt.lowering.target import parse_target
     from graphopt.model_spec import SpecError
 
@@ -329,17 +329,18 @@ def _compile(args) -> int:
         raise SpecError(f"--target: {e}") from e
     model, pipeline = _model_and_pipeline(args)
     programs = {}
+    name = args.passes or args.pipeline
     if args.mesh:  # graphopt.shard traces and runs the pipeline itself
-        def build(pipeline):
-            return compile(model.fn, *model.args, target=target, pipeline=pipeline, mesh=args.mesh,
-                           params_argnums=args.params_argnums)
+        for label, spec in ([("none", "none")] if args.compare else []) + [(name, pipeline)]:
+            programs[label] = compile(model.fn, *model.args, target=target, pipeline=spec, mesh=args.mesh,
+                                      params_argnums=args.params_argnums)
     else:
-        def build(pipeline):
-            graph = _trace(model, args)
-            return compile(graph if pipeline == "none" else _run(graph, pipeline, args).graph, target=target)
-    if args.compare:
-        programs["none"] = build("none")
-    programs[args.passes or args.pipeline] = program = build(pipeline)
+        graph = _trace(model, args)  # once: the unoptimized program compiles a copy
+        if args.compare:
+            programs["none"] = compile(graph.clone()[0], target=target)
+        # Kernels chosen for the target, as graphopt.compile does; --disable applies.
+        programs[name] = compile(_run(graph, for_backend(pipeline, target.platform), args).graph, target=target)
+    program = programs[name]
     if args.compare:
         from graphopt.lowering.compile import comparison_table
 
@@ -347,7 +348,8 @@ def _compile(args) -> int:
     else:
         print(program.summary())
     if args.output:
-        print(f"wrote {program.save(args.output)}: executable.bin ({len(program.serialize()):,} bytes), "
+        folder = program.save(args.output)
+        print(f"wrote {folder}: executable.bin ({(folder / 'executable.bin').stat().st_size:,} bytes), "
               "module.stablehlo.mlir, module.hlo.txt, program.json")
     return OK
 

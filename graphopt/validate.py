@@ -385,7 +385,7 @@ def _compare_leaf(a: np.ndarray, e: np.ndarray, contract: Contract) -> tuple[flo
     sides = {"names": ("after", "before"), "show": lambda v: repr(v.item())}
     if a.dtype != e.dtype or a.shape != e.shape:
         return math.inf, leaf_mismatch(a, e, **sides)
-    error = _relative_error(a, e)
+    error = relative_error(a, e)
     if contract.kind == "exact":
         return error, leaf_mismatch(a, e, signed_zeros=True, **sides)
     positions = leaf_mismatch(a, e, rtol=0.0, atol=math.inf, **sides)  # NaN and ±Inf only
@@ -396,7 +396,7 @@ def _compare_leaf(a: np.ndarray, e: np.ndarray, contract: Contract) -> tuple[flo
     return error, None
 
 
-def _relative_error(a: np.ndarray, e: np.ndarray) -> float:
+def relative_error(a: np.ndarray, e: np.ndarray) -> float:
     """max |a - e| / max |e| over elements finite on both sides (complex as [real, imag])."""
     if a.size == 0:
         return 0.0

@@ -184,7 +184,7 @@ def compile(fn_or_graph: Graph | Callable, *args, target: str | Target = "cpu", 
         compiled = lowered.compile()
     return CompiledProgram(target=target, graph=graph, device_kind=available[0].device_kind,
                            num_devices=len(available), cost=_cost(compiled),
-                           memory=_memory(compiled), stablehlo=lowered.as_text(),
+                           memory=memory_analysis(compiled), stablehlo=lowered.as_text(),
                            hlo=compiled.as_text(), _compiled=compiled, sharded=mesh is not None)
 
 
@@ -320,8 +320,14 @@ def _cost(compiled) -> Cost:
                 estimated_seconds=None if seconds is None or seconds < 0 else float(seconds))
 
 
-def _memory(compiled) -> Memory:
-    stats = compiled.memory_analysis()
+def memory_analysis(compiled) -> Memory | None:
+    """XLA's memory analysis of a `jax.stages.Compiled` as a `Memory` (None where the backend has none)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 -- some backends do not implement it
+        return None
+    if stats is None:
+        return None
     return Memory(argument_bytes=int(stats.argument_size_in_bytes), output_bytes=int(stats.output_size_in_bytes),
                   temp_bytes=int(stats.temp_size_in_bytes), alias_bytes=int(stats.alias_size_in_bytes),
                   generated_code_bytes=int(stats.generated_code_size_in_bytes))
