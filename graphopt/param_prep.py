@@ -59,19 +59,20 @@ class ParamPrep:
         return params
 
     def _check_finite(self, params: dict) -> None:
-        """Raise if an output its op requires finite (`OpDef.finite_outputs`: a quantization
-        scale) holds NaN or ±Inf: the parameters it is computed from are not valid for that op."""
+        for key, reason in self.finite_requirements().items():
+            check_finite(key, params[key], reason)
+
+    def finite_requirements(self) -> dict[str, str]:
+        """key -> why, for each output its op requires finite (`OpDef.finite_outputs`: a
+        quantization scale): NaN or ±Inf there means the parameters it comes from are not valid."""
+        found = {}
         for key, v in zip(self.keys, self.graph.outputs):
-            if v.node is None or v.index not in v.node.op.finite_outputs:
-                continue
-            values = np.asarray(jax.device_get(params[key]), np.float32)
-            bad = values.size - int(np.count_nonzero(np.isfinite(values)))
-            if bad:
+            if v.node is not None and v.index in v.node.op.finite_outputs:
                 sources = ", ".join(a.path for a in self.graph.inputs if _depends_on(v, a))
-                raise PrepError(f"{key}: {bad} of {values.size} values are NaN or ±Inf because parameter "
-                                f"{sources} holds NaN or ±Inf; {v.node.op.name} needs finite values "
-                                f"({v.node.describe()}). Fix those weights, or leave this layer out "
-                                "(a quantization rule with scheme=None).")
+                found[key] = (f"because parameter {sources} holds NaN or ±Inf; {v.node.op.name} needs finite "
+                              f"values ({v.node.describe()}). Fix those weights, or leave this layer out "
+                              "(a quantization rule with scheme=None).")
+        return found
 
     def _compiled_fn(self):
         """The prep graph, without its pass-through outputs, jitted once."""
@@ -95,9 +96,21 @@ class ParamPrep:
 
     def arguments(self, params: dict, args: tuple) -> tuple:
         """The traced function's arguments with the parameter arguments replaced by `params`."""
-        first = self.param_argnums[0]
-        return tuple(params if i == first else a for i, a in enumerate(args)
-                     if i == first or i not in self.param_argnums)
+        return replace_params(self.param_argnums, params, args)
+
+
+def replace_params(param_argnums: tuple, params: dict, args: tuple) -> tuple:
+    """`args` with the parameter arguments (`param_argnums`) replaced by one `params` dict."""
+    first = param_argnums[0]
+    return tuple(params if i == first else a for i, a in enumerate(args) if i == first or i not in param_argnums)
+
+
+def check_finite(key: str, value, reason: str) -> None:
+    """PrepError naming `key` and `reason` if `value` holds NaN or ±Inf."""
+    values = np.asarray(jax.device_get(value), np.float32)
+    bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise PrepError(f"{key}: {bad} of {values.size} values are NaN or ±Inf {reason}")
 
 
 def _depends_on(value, arg) -> bool:

@@ -40,13 +40,13 @@ import tempfile
 from typing import Any
 
 import jax
-import numpy as np
 from jax import export as jax_export
 
 from graphopt import _jax_compat as compat
-from graphopt.errors import PrepError, SignatureError
+from graphopt.errors import SignatureError
 from graphopt.ir import Graph
 from graphopt.lowering.fingerprint import Fingerprint
+from graphopt.param_prep import check_finite, replace_params
 
 logger = logging.getLogger("graphopt.cache")
 
@@ -196,36 +196,24 @@ class StoredPrep:
         results = self._call(*leaves) if self._call is not None else []
         params = {key: leaves[i] if kind == "input" else results[i]
                   for key, (kind, i) in zip(self.keys, self.sources)}
-        for key, reason in self.finite.items():  # as ParamPrep._check_finite
-            values = np.asarray(jax.device_get(params[key]), np.float32)
-            bad = values.size - int(np.count_nonzero(np.isfinite(values)))
-            if bad:
-                raise PrepError(f"{key}: {bad} of {values.size} values are NaN or ±Inf {reason}")
+        for key, reason in self.finite.items():  # as ParamPrep's own check
+            check_finite(key, params[key], reason)
         return params
 
     def arguments(self, params: dict, args: tuple) -> tuple:
-        first = self.param_argnums[0]
-        return tuple(params if i == first else a for i, a in enumerate(args)
-                     if i == first or i not in self.param_argnums)
+        return replace_params(self.param_argnums, params, args)
 
 
 def _prep_entry(prep, platforms) -> tuple[dict, bytearray | None]:
     """(JSON metadata, prep program artifact or None) for a ParamPrep."""
     from graphopt.lowering.emit import evaluate
-    from graphopt.param_prep import _depends_on
 
     graph = prep.graph
     passed = {id(a): a.index for a in graph.inputs}
     computed = [i for i, v in enumerate(graph.outputs) if id(v) not in passed]
     sources = [["input", passed[id(v)]] if id(v) in passed else ["output", computed.index(i)]
                for i, v in enumerate(graph.outputs)]
-    finite = []
-    for key, v in zip(prep.keys, graph.outputs):
-        if v.node is not None and v.index in v.node.op.finite_outputs:
-            where = ", ".join(a.path for a in graph.inputs if _depends_on(v, a))
-            finite.append([key, f"because parameter {where} holds NaN or ±Inf; {v.node.op.name} needs finite "
-                                f"values ({v.node.describe()}). Fix those weights, or leave this layer out "
-                                "(a quantization rule with scheme=None)."])
+    finite = [list(item) for item in prep.finite_requirements().items()]
     meta = {"param_leaf_indices": list(prep.param_leaf_indices), "param_argnums": list(prep.param_argnums),
             "keys": list(prep.keys), "sources": sources, "finite": finite}
     if not computed:
