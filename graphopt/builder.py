@@ -42,6 +42,9 @@ class Builder:
         self._made_by = made_by
         self._provenance = None
         self._start = before._prev if before is not None else graph._last
+        self.on_rewired: list[Callable[[], Any]] = []
+        self.modified: list[Node] = []  # nodes changed in place (modify), and the nodes that
+        self.released: list[Node] = []  # computed their former operands
 
     @property
     def provenance(self) -> Provenance:
@@ -53,14 +56,29 @@ class Builder:
 
     def op(self, op: str | Op, *inputs: Value, **params) -> Value | tuple[Value, ...]:
         """A node of `op` (name or Op); returns its output, or all outputs if it has several."""
+        op, params = self._resolve(op, inputs, params)
+        node = self.graph.add_node(op, inputs, params, provenance=self.provenance, before=self.before)
+        return node.outputs[0] if len(node.outputs) == 1 else node.outputs
+
+    def modify(self, value: Value, op: str | Op, *inputs: Value, **params) -> Value:
+        """Make the node computing `value` compute `op(*inputs, **params)` in place (params as in
+        `op`), when that gives the same types: no node is made, nothing is rewired. Returns
+        `value`. The node cannot be restored: a rule does this last, once it will not decline.
+        Raises GraphError, changing nothing, if the types would differ."""
+        op, params = self._resolve(op, inputs, params)
+        node = value.node
+        self.released.extend(self.graph.modify(node, op, inputs, params, self.provenance))
+        self.modified.append(node)
+        return value
+
+    def _resolve(self, op, inputs, params):
         if isinstance(op, str):
             op = OPS[op] if op in OPS else primitive_named(op)
         if op.kind == "primitive":  # params the caller leaves out take JAX's defaults
             defaults = _default_params(op, inputs, params)
             if not defaults.keys() <= params.keys():
                 params = {**defaults, **params}
-        node = self.graph.add_node(op, inputs, params, provenance=self.provenance, before=self.before)
-        return node.outputs[0] if len(node.outputs) == 1 else node.outputs
+        return op, params
 
     def const(self, value: Any, *, like: Value | None = None, dtype=None, weak_type: bool = False) -> Value:
         """A constant of `dtype` (default: like's dtype). A scalar constant is a valid operand of
@@ -77,6 +95,12 @@ class Builder:
         with self.graph.inserting_before(self.before):
             outs = inline_function(self.graph, fn, list(inputs), static, self.provenance)
         return outs[0] if len(outs) == 1 else outs
+
+    def when_rewired(self, action: Callable[[], Any]) -> None:
+        """Run `action` once the rewrite driver has made the replaced values' readers read the
+        replacement, before it erases what became dead (a rule that moves the matched nodes into
+        the new node's region can only move them then)."""
+        self.on_rewired.append(action)
 
     @property
     def created(self) -> list[Node]:

@@ -37,10 +37,10 @@ def node_flops(node) -> tuple[int, bool]:
     """(FLOPs of this node including its regions, whether the count is exact)."""
     if node.regions:
         return _region_flops(node, [graph_flops(r) for r in node.regions])
-    return _plain_flops(node), node.op.kind != "opaque"
+    return plain_flops(node), node.op.kind != "opaque"
 
 
-def _plain_flops(node) -> int:
+def plain_flops(node) -> int:
     """FLOPs of a node without regions (exact unless the op is opaque: counted as 0)."""
     name = node.op.name
     if name == "dot_general":
@@ -99,31 +99,19 @@ def graph_stats(graph) -> tuple[int, int, int]:
 
 
 def _sweep(graph) -> tuple[int, tuple[int, bool], int]:
-    """(nodes, (FLOPs, exact), constant bytes) of `graph`, regions included, visiting each node
-    once. A node's FLOPs are cached on it, as an int (op, params and types never change), except
-    for region ops, whose regions may have been rewritten: they are summed from the regions'
-    sweeps."""
-    nodes, flops, exact, constant_bytes = len(graph), 0, True, 0
-    node = graph._first  # the node list, walked directly: this runs after every pass
-    while node is not None:
-        op = node.op
-        if node.regions:
-            counts = []
-            for region in node.regions:
-                n, count, b = _sweep(region)
-                nodes, constant_bytes = nodes + n, constant_bytes + b
-                counts.append(count)
-            count, count_exact = _region_flops(node, counts)
-            flops += count
-            exact = exact and count_exact
-        else:
-            count = node._flops
-            if count is None:
-                count = node._flops = _plain_flops(node)
-            flops += count
-            if op is CONSTANT:
-                constant_bytes += node.outputs[0].type.nbytes
-            elif op.kind == "opaque":
-                exact = False
-        node = node._next
+    """(nodes, (FLOPs, exact), constant bytes) of `graph`, regions included. The graph keeps
+    running totals over its own nodes (ir.Graph._count: a node's FLOPs are fixed by its op,
+    params and types); only the nodes holding regions are visited, their regions swept, since
+    a rewrite inside a region changes them."""
+    nodes, flops, constant_bytes = len(graph), graph._plain_flops, graph._constant_bytes
+    exact = not graph._opaque
+    for node in graph._holders:
+        counts = []
+        for region in node.regions:
+            n, count, b = _sweep(region)
+            nodes, constant_bytes = nodes + n, constant_bytes + b
+            counts.append(count)
+        count, count_exact = _region_flops(node, counts)
+        flops += count - node._flops  # its own count is in the total, as if it held no region
+        exact = exact and count_exact
     return nodes, (flops, exact), constant_bytes

@@ -35,6 +35,7 @@ import os
 from typing import Any, Iterator, Sequence
 
 from graphopt import _jax_compat as compat
+from graphopt.cost import plain_flops
 from graphopt.errors import GraphError
 from graphopt.ops import CONSTANT, NO_EFFECTS, Op, constant_params
 from graphopt.types import TensorType
@@ -50,6 +51,12 @@ def gc_paused():
     A graph of 100k nodes is a few hundred thousand live objects; the collector's full passes
     over them, triggered every few hundred allocations, made bulk work superlinear (5x slower at
     25k nodes). Graphs hold no reference cycles that need collecting mid-build. Re-entrant.
+
+    On leaving, what the pause allocated and still holds (the new graph) is promoted to the oldest
+    generation unscanned (`gc.freeze()` then `gc.unfreeze()`, unless the program has frozen objects
+    itself): the first young collection after the pause would otherwise traverse all of it (0.7 s
+    for a pipeline over 100k nodes, a million objects) and the next one again. Cycles that became
+    garbage during the pause are left to the next full collection.
     """
     global _gc_depth
     was_enabled = gc.isenabled() if _gc_depth == 0 else False
@@ -61,6 +68,9 @@ def gc_paused():
     finally:
         _gc_depth -= 1
         if was_enabled:
+            if gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 
@@ -246,6 +256,13 @@ class Graph:
         self._first: Node | None = None
         self._last: Node | None = None
         self._len = 0
+        # Running totals over this graph's own nodes, for graphopt.cost's statistics (a pass
+        # report asks after every pass): FLOPs of the nodes as if without regions, constant
+        # bytes, opaque nodes; and the nodes holding regions, whose FLOPs come from those.
+        self._plain_flops = 0
+        self._constant_bytes = 0
+        self._opaque = 0
+        self._holders: dict[Node, None] = {}
         self._insert_before: Node | None = None  # default insertion point; see inserting_before
 
     # --- building ------------------------------------------------------------------------------
@@ -373,6 +390,42 @@ class Graph:
             new.uses[(node, i)] = None
         old.uses = {}
 
+    def modify(self, node: Node, op: Op, inputs: Sequence[Value], params: dict,
+               provenance: Provenance | None = None) -> list[Node]:
+        """Make `node` compute `op(*inputs, **params)` in place, when that gives the same output
+        types and effects (another spelling of the same value: its readers need no rewiring, no
+        node is made or erased; MLIR's modifyOpInPlace). Returns the nodes that computed its
+        former operands, some of which may be dead now. Raises GraphError, changing nothing, if
+        the types or effects would differ or the node holds regions.
+        """
+        if node.graph is not self:
+            raise GraphError("modify: the node belongs to another graph", node)
+        inputs = list(inputs)
+        for value in inputs:
+            if value.graph is not self:
+                raise GraphError(f"{op.name}: an input belongs to another graph", node)
+        in_types = [v.type for v in inputs]
+        try:
+            types, effects = op.signature(in_types, params, ())
+        except Exception as err:
+            raise GraphError(f"{op.name}: inputs ({', '.join(map(str, in_types))}) are not "
+                             f"accepted: {err}", node) from err
+        if node.regions or types is None or list(types) != [v.type for v in node.outputs] or \
+                (frozenset(effects) or NO_EFFECTS) != node.effects:
+            raise GraphError(f"cannot modify {node.op.name} into {op.name} in place: the types or "
+                             "effects would change (build a new node and replace_all_uses)", node)
+        former = [v.node for v in node.inputs if v.node is not None]
+        for i, value in enumerate(node.inputs):
+            del value.uses[(node, i)]
+        self._count(node, -1)
+        node.op, node.inputs, node.params, node._flops = op, inputs, dict(params), None
+        self._count(node, 1)
+        for i, value in enumerate(inputs):
+            value.uses[(node, i)] = None
+        if provenance is not None:
+            node.provenance = provenance
+        return former
+
     def erase(self, node: Node) -> None:
         """Remove a node whose outputs are unused."""
         if node.graph is not self:
@@ -383,18 +436,17 @@ class Graph:
                                  f"{len(value.uses)} use(s); replace_all_uses first", node)
         for i, value in enumerate(node.inputs):
             del value.uses[(node, i)]
-        prev, nxt = node._prev, node._next
-        if prev is None:
-            self._first = nxt
-        else:
-            prev._next = nxt
-        if nxt is None:
-            self._last = prev
-        else:
-            nxt._prev = prev
-        node._prev = node._next = None
+        self._unlink(node)
         node.graph = None
-        self._len -= 1
+
+    def move_to_end(self, node: Node, source: "Graph") -> None:
+        """Move `node` from `source` to the end of this graph, uses and all; the caller rewires
+        its operands that belong to `source` (see graphopt.outline.outline_into)."""
+        if node.graph is not source:
+            raise GraphError("move_to_end: the node belongs to another graph", node)
+        source._unlink(node)
+        node.graph = self
+        self._link(node, None, self._last)
 
     def inserting_before(self, node: Node | None):
         """Context in which `add_node` (without `before`/`after`) inserts before `node`.
@@ -428,6 +480,49 @@ class Graph:
         else:
             nxt._prev = node
         self._len += 1
+        self._count(node, 1)
+
+    def _unlink(self, node: Node) -> None:
+        prev, nxt = node._prev, node._next
+        if prev is None:
+            self._first = nxt
+        else:
+            prev._next = nxt
+        if nxt is None:
+            self._last = prev
+        else:
+            nxt._prev = prev
+        node._prev = node._next = None
+        self._len -= 1
+        self._count(node, -1)
+
+    def _count(self, node: Node, sign: int) -> None:
+        """Add (sign 1) or remove (-1) `node` from the running totals."""
+        flops = node._flops
+        if flops is None:
+            flops = node._flops = plain_flops(node)
+        self._plain_flops += sign * flops
+        op = node.op
+        if op is CONSTANT:
+            self._constant_bytes += sign * node.outputs[0].type.nbytes
+        elif op.kind == "opaque":
+            self._opaque += sign
+        if node.regions:
+            if sign > 0:
+                self._holders[node] = None
+            else:
+                del self._holders[node]
+
+    def set_regions(self, node: Node, regions: Sequence["Graph"]) -> None:
+        """Give `node`, which holds none, its regions (see graphopt.outline.outline_into); the
+        caller checks they fit its op."""
+        if node.graph is not self or node.regions:
+            raise GraphError("set_regions: the node belongs to another graph or holds regions", node)
+        node.regions = tuple(regions)
+        for region in node.regions:
+            region.parent = node
+        if node.regions:
+            self._holders[node] = None
 
     # --- reading -------------------------------------------------------------------------------
 

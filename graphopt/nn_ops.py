@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from graphopt.ops import OPS, OpDef, register
+from graphopt.ops import OPS, OpDef, params_key, register
 from graphopt.types import TensorType
 
 
@@ -56,6 +56,22 @@ class CompositeOp(OpDef):
     def __init__(self, name: str, check: Callable, impl: Callable, param_names: Sequence[str], **outputs):
         super().__init__(name, check, impl, region_names=("decomposition",), **outputs)
         self.param_names = frozenset(param_names) | {"implementation"}
+        self._signatures: dict = {}
+
+    def signature(self, in_types, params, regions):
+        # raise_ops builds the same op on the same types once per layer, and the shape rules
+        # (dtype promotion through jnp) cost tens of µs: memoized, for nodes built without their
+        # region (it is checked when given) and keyable params.
+        key = None if regions else params_key(params)
+        if key is None:
+            return super().signature(in_types, params, regions)
+        key = (tuple(in_types), key)
+        hit = self._signatures.get(key)
+        if hit is None:
+            if len(self._signatures) > 4096:
+                self._signatures.clear()
+            hit = self._signatures[key] = tuple(super().signature(in_types, params, regions))
+        return hit
 
     def infer(self, in_types, params, regions):
         missing, unknown = self.param_names - set(params), set(params) - self.param_names

@@ -1,49 +1,52 @@
-"""Outlining: the nodes that compute some values from others, copied out as a region sub-graph.
+"""Outlining: the nodes that compute some values from others, moved into a region of a new node.
 
 A composite op (attention, layer_norm, ...) holds the primitives it was recognized from as its
-region: `outline(inputs, outputs)` builds that region. Its inputs are the op's operands (same
-types, same order), its body a copy of every node between them and the outputs, its outputs the
-op's results. `replace_with(node, outputs)` then makes the readers of the outputs read the new
-node's results and erases what became dead.
+region. `outline_into(node, inputs, outputs)` makes the readers of `outputs` read `node`'s results
+and moves the nodes between `inputs` and `outputs` into a new region held by `node`: its inputs
+are `node`'s operands (same types, same order), its body those nodes, its outputs `outputs`.
 
-    %0 = reduce_max[axes=(1,)] %x                     graph(%arg0) {
-    %1 = reshape[new_sizes=(3,1)] %0                    %0 = reduce_max[axes=(1,)] %arg0
-    %2 = sub %x, %1                  outline([%x],      %1 = reshape[new_sizes=(3,1)] %0
-    %3 = exp %2                      →  [%5])           %2 = sub %arg0, %1
-    %4 = reduce_sum[axes=(1,)] %3                       ...
-    %5 = div %3, %4                                     return %5
-                                                      }
+    %0 = reduce_max[axes=(1,)] %x                     %6 = softmax %x
+    %1 = reshape[new_sizes=(3,1)] %0                    decomposition(%arg0) {
+    %2 = sub %x, %1                  outline_into(        %0 = reduce_max[axes=(1,)] %arg0
+    %3 = exp %2                        softmax, [%x],     %1 = reshape[new_sizes=(3,1)] %0
+    %4 = reduce_sum[axes=(1,)] %3      [%5])              %2 = sub %arg0, %1
+    %5 = div %3, %4                  →                    ...
+                                                          return %5
+                                                        }
 
-What may be outlined: the backward slice of the outputs, cut at the inputs. Two conditions keep
-the rewrite exact and the graph valid:
+The nodes move (no copies are made: recognizing the ops of a 100k-node model would otherwise
+copy most of it). What may be outlined: the backward slice of the outputs, cut at the inputs.
+Two conditions keep the rewrite exact and the graph valid:
 
 - closed: every graph input (argument) the outputs depend on is one of `inputs`, and no node in
   the slice has effects (a callback cannot be duplicated or moved into a region);
 - no escapes: a value computed inside, other than an output, is read by nothing outside; else
   the op would hide a value others still need, and computing it twice would duplicate work.
   Exception: values computed from constants only (a literal, an iota, a causal mask built from
-  iotas, `sqrt(64.0)`) are copied into the region and the originals stay for their other readers:
+  iotas, `sqrt(64.0)`) that others read too are copied into the region and the originals stay:
   they cost nothing at run time (XLA folds them) and every layer of a model may share one mask.
 
-Either failure raises `OutlineError` saying which value is to blame; `can_outline` answers
-without raising, for matchers that try several candidates.
+`outline_slice` checks both and returns the nodes that would move (raising `OutlineError` saying
+which value is to blame); `can_outline` answers without raising, for matchers that try several
+candidates.
 
 Example:
     >>> import graphopt, jax.numpy as jnp
     >>> g = graphopt.trace(lambda x: jnp.tanh(x) * 2.0 + 1.0, jnp.ones(3))
     >>> tanh, *_, add = g.nodes   # tanh, constant, mul, constant, add
-    >>> region = outline([tanh.output], [add.output])
-    >>> print(region)  # doctest: +ELLIPSIS
+    >>> op = graphopt.ops.OpDef("example_region", lambda types, params, regions: [types[0]],
+    ...                         lambda x, *, regions: list(regions[0](x)), region_names=("body",))
+    >>> node = g.add_node(op, [tanh.output], {}, before=add)
+    >>> print(outline_into(node, [tanh.output], [add.output]))  # doctest: +ELLIPSIS
     graph decomposition(%arg0: f32[3]) {
       %0 = mul %arg0, 2.0 : f32[3]  # ...
       %1 = add %0, 1.0 : f32[3]  # ...
       return %1
     }
-    >>> outline([], [add.output])
-    Traceback (most recent call last):
-    ...
-    graphopt.outline.OutlineError: cannot outline: the result depends on graph input 'x', which is not an operand
-      at node tanh (...)
+    >>> [n.op.name for n in g.nodes]
+    ['tanh', 'example_region']
+    >>> can_outline([], [node.output])
+    False
 """
 
 from __future__ import annotations
@@ -51,66 +54,84 @@ from __future__ import annotations
 from typing import Sequence
 
 from graphopt.errors import GraphError
-from graphopt.ir import Argument, Graph, Node, Value, erase_dead
+from graphopt.ir import Argument, Graph, Node, Value
 
 
 class OutlineError(GraphError):
     """The values cannot be outlined: the slice is not closed, or an inner value escapes."""
 
 
-def outline(inputs: Sequence[Value], outputs: Sequence[Value], *, name: str = "decomposition") -> Graph:
-    """The region computing `outputs` from `inputs` (see the module docstring). The original
-    nodes are left in place; the region holds copies.
+class Slice(list):
+    """What `outline_slice` returns: the nodes to outline in program order, and the ids of those
+    computed from constants only (`constant_only`)."""
 
-    Raises OutlineError if the slice reads a graph input that is not in `inputs`, holds a node
-    with effects, or computes a value (not an output, not constant-only) that is read outside.
-    """
-    order = _slice(inputs, outputs)
-    _check_no_escapes(order, inputs, outputs)
-    region = Graph(name)
-    mapping: dict[int, Value] = {}
-    for value in inputs:
-        if id(value) not in mapping:
-            mapping[id(value)] = region.add_input(value.type, "input", _path(value))
-        else:  # the same operand twice: a second region input, unused
-            region.add_input(value.type, "input", _path(value))
-    for node in order:
-        regions = [r.clone()[0] for r in node.regions]
-        copy = region.add_node(node.op, [mapping[id(v)] for v in node.inputs], node.params, regions,
-                               node.provenance, _types=[v.type for v in node.outputs],
-                               _effects=node.effects)
-        for old, new in zip(node.outputs, copy.outputs):
-            mapping[id(old)] = new
-    region.set_outputs([mapping[id(v)] for v in outputs])
-    return region
+    constant_only: set[int]
+
+
+def outline_slice(inputs: Sequence[Value], outputs: Sequence[Value]) -> Slice:
+    """The nodes between `inputs` and `outputs` in program order, checked (see the module
+    docstring): raises OutlineError if the slice reads a graph input that is not in `inputs`,
+    holds a node with effects, or computes a value (not an output, not constant-only) that is
+    read outside."""
+    order = Slice(_slice(inputs, outputs))
+    order.constant_only = _constant_only(order, inputs)
+    _check_no_escapes(order, order.constant_only, outputs)
+    return order
 
 
 def can_outline(inputs: Sequence[Value], outputs: Sequence[Value]) -> bool:
-    """Whether `outline(inputs, outputs)` would succeed."""
+    """Whether `outline_slice(inputs, outputs)` (and so `outline_into`) would succeed."""
     try:
-        _check_no_escapes(_slice(inputs, outputs), inputs, outputs)
+        outline_slice(inputs, outputs)
     except OutlineError:
         return False
     return True
 
 
-def interior(inputs: Sequence[Value], outputs: Sequence[Value]) -> list[Node]:
-    """The nodes `outline` would copy, in program order (the slice, cut at the inputs)."""
-    return _slice(inputs, outputs)
+def outline_into(node: Node, inputs: Sequence[Value], outputs: Sequence[Value],
+                 order: Slice | None = None, *, name: str = "decomposition") -> Graph:
+    """Make every reader of `outputs[i]` read `node.outputs[i]`, then move the slice between
+    `inputs` (node's operands) and `outputs` into a new region, `node`'s only one; returns it.
 
-
-def replace_with(node: Node, outputs: Sequence[Value]) -> int:
-    """Make every reader of `outputs[i]` read `node.outputs[i]`, then erase the nodes that became
-    dead (the outlined ones; constant-only values still read elsewhere stay). Returns how many
-    nodes were erased. `node` must come after the inputs and before the outputs' first readers:
-    insert it just before the last node of the slice, or after it."""
+    `order` is `outline_slice(inputs, outputs)` if the caller has it. `node` must lie after the
+    inputs and before the outputs' first readers (inserted just before the last node of the
+    slice does). Its region must be what its op expects: the caller checks the types first.
+    """
+    if order is None:
+        order = outline_slice(inputs, outputs)
     if len(node.outputs) != len(outputs):
-        raise GraphError(f"replace_with: {node.op.name} has {len(node.outputs)} results, "
+        raise GraphError(f"outline_into: {node.op.name} has {len(node.outputs)} results, "
                          f"{len(outputs)} values to replace", node)
+    if node.regions:
+        raise GraphError(f"outline_into: {node.op.name} already holds a region", node)
     graph = node.graph
     for old, new in zip(outputs, node.outputs):
         graph.replace_all_uses(old, new)
-    return erase_dead([v.node for v in outputs if v.node is not None])
+    region = Graph(name)
+    mapping: dict[int, Value] = {}  # id of a value outside -> the region's value standing for it
+    for value in inputs:
+        arg = region.add_input(value.type, "input", _path(value))
+        mapping.setdefault(id(value), arg)  # the same operand twice: a second input, unused
+    copied = _copied(order, order.constant_only)
+    for inner in order:
+        if id(inner) in copied:
+            copy = region.add_node(inner.op, [mapping.get(id(v), v) for v in inner.inputs],
+                                   inner.params, [r.clone()[0] for r in inner.regions],
+                                   inner.provenance, _types=[v.type for v in inner.outputs],
+                                   _effects=inner.effects)
+            mapping.update(zip(map(id, inner.outputs), copy.outputs))
+            continue
+        region.move_to_end(inner, graph)
+        operands = inner.inputs
+        for i, value in enumerate(operands):
+            moved = mapping.get(id(value))
+            if moved is not None:  # an operand or a copy: the same type
+                del value.uses[(inner, i)]
+                operands[i] = moved
+                moved.uses[(inner, i)] = None
+    region.set_outputs([mapping.get(id(v), v) for v in outputs])
+    graph.set_regions(node, [region])
+    return region
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -158,15 +179,22 @@ def _slice(inputs: Sequence[Value], outputs: Sequence[Value]) -> list[Node]:
     return order
 
 
-def _check_no_escapes(order: list[Node], inputs: Sequence[Value], outputs: Sequence[Value]) -> None:
-    inside = {id(n) for n in order}
+def _constant_only(order: Sequence[Node], inputs: Sequence[Value]) -> set[int]:
+    """ids of the nodes of the slice whose values are computed from constants only."""
     stop = {id(v) for v in inputs}
-    produced_outputs = {id(v) for v in outputs}
     constant_only: set[int] = set()
     for node in order:  # program order: operands' producers come first
-        if all(id(v) not in stop and v.node is not None and id(v.node) in constant_only
-               for v in node.inputs):
+        for v in node.inputs:
+            if id(v) in stop or v.node is None or id(v.node) not in constant_only:
+                break
+        else:
             constant_only.add(id(node))
+    return constant_only
+
+
+def _check_no_escapes(order: list[Node], constant_only: set[int], outputs: Sequence[Value]) -> None:
+    inside = {id(n) for n in order}
+    produced_outputs = {id(v) for v in outputs}
     for node in order:
         if id(node) in constant_only:
             continue
@@ -179,6 +207,21 @@ def _check_no_escapes(order: list[Node], inputs: Sequence[Value], outputs: Seque
                     raise OutlineError(f"cannot outline: {node.op.name} computes a value that "
                                        f"{where} outside the outlined nodes; keep it or outline it "
                                        "too", reader if reader is not None else node)
+
+
+def _copied(order: Sequence[Node], constant_only: set[int]) -> set[int]:
+    """ids of the constant-only nodes of the slice read by something that stays outside (once
+    the outputs' readers are rewired): they are copied into the region, the originals stay."""
+    if not constant_only:
+        return constant_only
+    moving = {id(n) for n in order}
+    copied: set[int] = set()
+    for node in reversed(order):  # readers first: a reader that stays keeps its operands
+        if id(node) in constant_only and any(
+                reader is None or id(reader) not in moving or id(reader) in copied
+                for value in node.outputs for reader, _ in value.uses):
+            copied.add(id(node))
+    return copied
 
 
 def _path(value: Value) -> str:

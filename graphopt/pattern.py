@@ -376,6 +376,9 @@ def _apply(graph: Graph, rule: Rule, root: Node, captures: dict, made_by) -> lis
     args = {k: v for k, v in captures.items() if not k.startswith("_")}  # "_root" is private
     result = rule.replacement(builder, **args)
     if result is None:
+        if builder.modified:
+            raise GraphError(f"rule {rule.name!r} modified a node in place, then declined; a rule "
+                             "modifies last, once it will not decline", root)
         builder.discard()
         return None
     pairs = []
@@ -383,11 +386,13 @@ def _apply(graph: Graph, rule: Rule, root: Node, captures: dict, made_by) -> lis
         old = captures.get(name)
         _check_replacement(rule, name, old, new, builder, root)  # all checked before any rewiring
         pairs.append((old, new))
-    touched = builder.created
+    touched = builder.created + builder.modified
     for old, new in pairs:
         touched.extend(node for node, _ in old.uses if node is not None)
         graph.replace_all_uses(old, new)
-    erase_dead([old.node for old, _ in pairs if old.node is not None])
+    for action in builder.on_rewired:
+        action()
+    erase_dead([old.node for old, _ in pairs if old.node is not None] + builder.released)
     return [n for n in touched if n.graph is graph]  # erased nodes have no graph
 
 

@@ -75,7 +75,7 @@ class Scalar(Pattern):
         self.name, self.where = name, where
 
     def match(self, value, captures, why):
-        if int(np.prod(value.type.shape)) != 1:
+        if value.type.size != 1:
             return _fail(why, lambda: f"expected a scalar, got {value.type}")
         array = constant_array(value)
         if array is None:
@@ -238,7 +238,7 @@ def evaluate_slice(inputs, arrays, outputs) -> list[np.ndarray] | None:
 # --- helpers -------------------------------------------------------------------------------------
 
 def _scalar(value: Value):
-    if int(np.prod(value.type.shape)) != 1:
+    if value.type.size != 1:
         return None
     array = constant_array(value)
     return None if array is None else _number(array)
@@ -297,7 +297,7 @@ def _constant_only(value: Value, memo: dict, max_elements: int) -> bool:
         seen.add(id(node))
         if node.effects or node.regions or node.op.kind == "opaque":
             return False
-        if any(int(np.prod(o.type.shape)) > max_elements for o in node.outputs):
+        if any(o.type.size > max_elements for o in node.outputs):
             return False
         if node.op.name != "constant" and node.op.kind != "primitive":
             return False

@@ -49,7 +49,7 @@ from graphopt.builder import Builder
 from graphopt.errors import GraphError
 from graphopt.ir import Graph, Node, Value
 from graphopt.nn_ops import COMPOSITE_OPS, attention_node
-from graphopt.outline import can_outline, outline, replace_with
+from graphopt.outline import OutlineError, outline_into, outline_slice
 from graphopt.recognize import constant_array, evaluate_slice
 
 LAYOUTS = {"BTNH": (("B", "T", "N", "H"), ("B", "S", "K", "H")),
@@ -397,7 +397,7 @@ def _through(value: Value, ops) -> Value:
 
 
 def _scalar(value: Value):
-    if int(np.prod(value.type.shape)) != 1:
+    if value.type.size != 1:
         return None
     array = constant_array(value)
     if array is None or array.dtype.kind in "bcOSU":  # bfloat16 & co. are kind "V"
@@ -423,13 +423,14 @@ def _splat(value: Value):
 
 def _replace(m: AttentionMatch) -> bool:
     inputs = [m.q, m.k, m.v] + [x for x in (m.bias, m.mask) if x is not None]
-    if not can_outline(inputs, [m.out]):
+    try:
+        order = outline_slice(inputs, [m.out])
+    except OutlineError:
         return False
-    region = outline(inputs, [m.out])
     b = Builder(m.out.graph, before=m.out.node, made_by="raise_ops")
     try:
         new = attention_node(b, m.q, m.k, m.v, m.bias, m.mask, scale=m.scale, is_causal=m.is_causal,
-                             mask_value=m.mask_value, layout=m.layout, decomposition=region)
+                             mask_value=m.mask_value, layout=m.layout)
     except GraphError as err:  # the op's shape rule raised TypeError: it rejects these operands
         if not isinstance(err.__cause__, TypeError):
             raise
@@ -437,5 +438,5 @@ def _replace(m: AttentionMatch) -> bool:
     if new.type != m.out.type:
         b.discard()
         return False
-    replace_with(new.node, [m.out])
+    outline_into(new.node, inputs, [m.out], order)
     return True

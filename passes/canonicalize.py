@@ -242,26 +242,26 @@ def _constant_like(b, array, like):
 def _add_negated(b, x, c, out):
     with np.errstate(over="ignore"):
         negated = np.asarray(np.negative(constant_value(c)), c.type.dtype)
-    return b.op("add", x, _constant_like(b, negated, c))
+    return b.modify(out, "add", x, _constant_like(b, negated, c))
 
 
 def _mul_reciprocal(b, x, c, out):
     inverse = np.asarray(1.0 / constant_value(c).astype(np.float64)).astype(c.type.dtype)
-    return b.op("mul", x, _constant_like(b, inverse, c))
+    return b.modify(out, "mul", x, _constant_like(b, inverse, c))
 
 
 def _swap_operands(b, x, y, out):
-    return b.op(out.node.op, y, x, **out.node.params)
+    return b.modify(out, out.node.op, y, x, **out.node.params)
 
 
 def _scalar_operand(b, x, s, bc, out):
     inputs = list(out.node.inputs)
     inputs[1 if inputs[1] is bc else 0] = s  # one operand: x may be the same broadcast
-    return b.op(out.node.op, *inputs, **out.node.params)
+    return b.modify(out, out.node.op, *inputs, **out.node.params)
 
 
 def _convert_direct(b, x, mid, out):
-    return b.op("convert_element_type", x, **out.node.params)
+    return b.modify(out, "convert_element_type", x, **out.node.params)
 
 
 def _convert_before_broadcast(b, x, bc, out):
@@ -274,21 +274,21 @@ def _retyped_constant(b, c, out):
 
 
 def _splat(b, s, out):
-    return b.op("broadcast_in_dim", s, shape=out.type.shape, broadcast_dimensions=())
+    return b.modify(out, "broadcast_in_dim", s, shape=out.type.shape, broadcast_dimensions=())
 
 
 def _reshape_to(b, x, out):
-    return b.op("reshape", x, new_sizes=out.type.shape)
+    return b.modify(out, "reshape", x, new_sizes=out.type.shape)
 
 
 def _reshape_direct(b, x, out):
-    return b.op("reshape", x, **out.node.params)
+    return b.modify(out, "reshape", x, **out.node.params)
 
 
 def _transpose_direct(b, x, t, out):
     perm = t.node.params["permutation"]
     composed = tuple(perm[i] for i in out.node.params["permutation"])
-    return b.op("transpose", x, **{**t.node.params, "permutation": composed})
+    return b.modify(out, "transpose", x, **{**t.node.params, "permutation": composed})
 
 
 def _dot_absorbing(side: int):

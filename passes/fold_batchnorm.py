@@ -95,6 +95,7 @@ def fold_batchnorm(graph, ctx):
 # unique. Outside a run (explain()) each question gets a fresh memo: graphs change between runs.
 _DERIVED: dict | None = None
 PARAM, CONSTANT = "param", "constant"
+_PENDING = object()
 
 
 def param_derived(value) -> bool:
@@ -120,13 +121,21 @@ def _derivation(value) -> str | None:
             result = CONSTANT
         elif node.effects or node.regions or node.op.kind == "opaque" or not node.inputs:
             result = None
-        else:
-            pending = [u for u in node.inputs if id(u) not in memo]
-            if pending:
-                stack.extend(pending)
+        else:  # None if an operand is; else PARAM if one is; else CONSTANT
+            result = CONSTANT
+            for u in node.inputs:
+                known = memo.get(id(u))
+                if known is None:  # not derived yet: derive it, then come back
+                    stack.append(u)
+                    result = _PENDING
+                    break
+                if known[1] is None:
+                    result = None
+                    break
+                if known[1] is PARAM:
+                    result = PARAM
+            if result is _PENDING:
                 continue
-            sources = {memo[id(u)][1] for u in node.inputs}
-            result = None if None in sources else PARAM if PARAM in sources else CONSTANT
         memo[id(v)] = (v, result)
         stack.pop()
     return memo[id(value)][1]
@@ -238,10 +247,31 @@ def _merge_ok(c) -> bool:
             and _bias_ok(c["c"], c["out"]))
 
 
+class Chain(Pattern):
+    """A conv/dot_general result, or `add(it, bias)`, each single-use (see _chain_linear),
+    captured under `name` (the linear op's result under "_linear"). Matched before the other
+    operand: it rejects most values on their op alone, before the parameter search."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def produced_by(self):
+        return LINEAR | {"add"}
+
+    def match(self, value, captures, why):
+        y = _chain_linear(value)
+        if y is None:
+            if why is not None:
+                why.append(f"{self.name!r} is not a conv/dot_general (plus a bias) used once")
+            return False
+        captures["_linear"] = y
+        return captures.setdefault(self.name, value) is value
+
+
 def _on_chain(per_channel: bool):
     def where(c) -> bool:
-        y = _chain_linear(c["v"])
-        return y is not None and c["out"].type == c["v"].type and (
+        y = c["_linear"]
+        return c["out"].type == c["v"].type and (
             _per_channel(c["s"], y) if per_channel else _bias_ok(c["s"], c["out"]))
     return where
 
@@ -307,9 +337,9 @@ RULES = [
          Op("add", _biased, Weights("c"), commutative=True, name="out"), _merged_biases,
          where=_merge_ok),
     # v − m → v + (−m): IEEE defines subtraction so (exact).
-    Rule("fold_batchnorm/subtract-as-add", Op("sub", Var("v"), Weights("s"), name="out"),
+    Rule("fold_batchnorm/subtract-as-add", Op("sub", Chain("v"), Weights("s"), name="out"),
          _subtract_as_add, where=_on_chain(per_channel=False)),
     # v / s → v · (1/s): one more rounding (1/s), within the bound.
-    Rule("fold_batchnorm/divide-as-multiply", Op("div", Var("v"), Weights("s"), name="out"),
+    Rule("fold_batchnorm/divide-as-multiply", Op("div", Chain("v"), Weights("s"), name="out"),
          _divide_as_multiply, where=_on_chain(per_channel=True)),
 ]

@@ -13,7 +13,7 @@ rms_norm, softmax, gelu, silu and linear.
     %8 = div %5, %7
 
 Each raised node holds the primitives it was recognized from as its "decomposition" region
-(`graphopt.outline`), and `implementation=None`, so the lowering runs exactly those primitives:
+(`graphopt.outline`: they move there), and `implementation=None`, so the lowering runs exactly those primitives:
 the pass changes no bit of any result. A later pass (fusion) may pick a kernel for the op.
 
 What is recognized (after canonicalize and cse; the forms each rule accepts are next to it):
@@ -45,7 +45,7 @@ import jax
 
 from graphopt import nn_ops
 from graphopt.errors import GraphError
-from graphopt.outline import OutlineError, can_outline, outline
+from graphopt.outline import OutlineError, outline_into, outline_slice
 from graphopt.pattern import Const, Op, Rule, Var, rewrite
 from graphopt.pipeline import register_pass
 from graphopt.recognize import (AnyOf, Broadcast, Kept, Maybe, Mean, Scalar, constant_array,
@@ -75,18 +75,24 @@ def raise_ops(graph, ctx):
 # --- replacements --------------------------------------------------------------------------------
 
 def _raise(b, inputs, root, build):
-    """The node `build(region)` makes (with `b`), holding the outlined match as its decomposition,
-    to replace `root`; None (the rewrite declines) if the match cannot be outlined, or the op's
-    shape rule rejects it, or its type differs from the root's."""
-    if not can_outline(inputs, [root]):
+    """The node `build(None)` makes (with `b`) to replace `root`; once the driver has rewired
+    root's readers, the match moves into it as its decomposition (`outline_into`). None (the
+    rewrite declines) if the match cannot be outlined, or the op's shape rule rejects it, or its
+    type differs from the root's."""
+    try:
+        order = outline_slice(inputs, [root])
+    except OutlineError:
         return None
     try:
-        new = build(outline(inputs, [root]))
+        new = build(None)
     except GraphError as err:  # the op's shape rule raised TypeError: it rejects these operands
-        if isinstance(err, OutlineError) or isinstance(err.__cause__, TypeError):
+        if isinstance(err.__cause__, TypeError):
             return None
         raise
-    return new if new.type == root.type else None
+    if new.type != root.type:
+        return None
+    b.when_rewired(lambda: outline_into(new.node, inputs, [root], order))
+    return new
 
 
 def _softmax(b, x, xmax, out, **_):

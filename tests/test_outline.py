@@ -1,12 +1,14 @@
-"""outline: the region computing some values from others; closed, no escapes, constants copied."""
+"""outline: the slice computing some values from others moves into a region; closed, no escapes,
+shared constants copied."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import graphopt
+from graphopt.errors import GraphError
 from graphopt.ir import Graph
-from graphopt.outline import OutlineError, can_outline, interior, outline, replace_with
+from graphopt.outline import OutlineError, can_outline, outline_into, outline_slice
 from graphopt.ops import OpDef
 from graphopt.testing import assert_equivalent
 
@@ -15,24 +17,30 @@ def by_op(graph, name):
     return [n for n in graph.nodes if n.op.name == name]
 
 
-def test_region_copies_the_slice_and_evaluates_the_same():
+CALL = OpDef("outline_test_call", lambda types, params, regions: [types[0]],
+             lambda *args, regions, **_: list(regions[0](*args)), region_names=("body",))
+
+
+def test_the_slice_moves_into_the_region_and_evaluates_the_same():
     g = graphopt.trace(lambda x, y: jnp.tanh(x) * 2.0 + jnp.sin(y), jnp.ones(3), jnp.ones(3))
-    (tanh,), (sin,), (add,) = by_op(g, "tanh"), by_op(g, "sin"), by_op(g, "add")
-    region = outline([tanh.output, sin.output], [add.output])
-    region.verify()
+    (tanh,), (sin,), (mul,), (add,) = (by_op(g, op) for op in ("tanh", "sin", "mul", "add"))
+    node = g.add_node(CALL, [tanh.output, sin.output], {}, before=add)
+    region = outline_into(node, [tanh.output, sin.output], [add.output])
+    g.verify()
+    assert node.regions == (region,) and region.parent is node
     assert [n.op.name for n in region.nodes if n.op.name != "constant"] == ["mul", "add"]
+    assert mul.graph is region and add.graph is region  # moved, not copied
     assert [a.type for a in region.inputs] == [tanh.output.type, sin.output.type]
+    assert [n.op.name for n in g.nodes] == ["tanh", "sin", "outline_test_call"]
     a, b = np.float32([0.5, -1, 2]), np.float32([3, 4, -5])
-    assert_equivalent(graphopt.lower(region).flat(a, b)[0], a * np.float32(2) + b,
-                      exact=True)
-    assert tanh.graph is g and add.graph is g  # the originals stay
+    assert_equivalent(graphopt.lower(g)(a, b), np.tanh(a) * np.float32(2) + np.sin(b), exact=True)
 
 
 def test_not_closed_names_the_input():
     g = graphopt.trace(lambda x, y: x * y, jnp.ones(3), jnp.ones(3))
     (mul,) = by_op(g, "mul")
     with pytest.raises(OutlineError, match="graph input 'y'"):
-        outline([g.inputs[0]], [mul.output])
+        outline_slice([g.inputs[0]], [mul.output])
     assert not can_outline([g.inputs[0]], [mul.output])
 
 
@@ -43,39 +51,47 @@ def test_an_inner_value_read_outside_escapes():
     g = graphopt.trace(fn, jnp.ones(3))
     (add,) = by_op(g, "add")
     with pytest.raises(OutlineError, match="exp computes a value that is a graph output"):
-        outline([g.inputs[0]], [add.output])
+        outline_slice([g.inputs[0]], [add.output])
     (exp,) = by_op(g, "exp")
     assert can_outline([g.inputs[0]], [add.output, exp.output])  # as a second output it is fine
 
 
-def test_constant_only_values_are_copied_even_when_shared():
+def test_shared_constant_only_values_are_copied_the_others_move():
     def fn(x, y):
         mask = jnp.tril(jnp.ones((3, 3), bool))
-        return jnp.where(mask, x, 0.0), jnp.where(mask, y, 1.0)
+        return jnp.where(mask, x * 2.0, 0.0), jnp.where(mask, y, 1.0)
     g = graphopt.trace(fn, jnp.ones((3, 3)), jnp.ones((3, 3)))
     first = g.outputs[0]
-    region = outline([g.inputs[0]], [first])
+    order = outline_slice([g.inputs[0]], [first])
+    node = g.add_node(CALL, [g.inputs[0]], {}, before=first.node)
+    region = outline_into(node, [g.inputs[0]], [first], order)
+    g.verify()
     assert "iota" in [n.op.name for n in region.nodes]
-    assert len(interior([g.inputs[0]], [first])) == len(region)
+    assert "iota" in [n.op.name for n in g.nodes]  # the mask's original stays for the second where
+    assert len(region) == len(order)
+    (mul,) = [n for n in order if n.op.name == "mul"]
+    assert mul.graph is region and first.node.graph is region  # what reads x moved
+    x, y = np.arange(9, dtype=np.float32).reshape(3, 3), np.ones((3, 3), np.float32)
+    mask = np.tril(np.ones((3, 3), bool))
+    out = graphopt.lower(g)(x, y)
+    assert_equivalent(out[0], np.where(mask, x * 2, 0), exact=True)
+    assert_equivalent(out[1], np.where(mask, y, 1), exact=True)
 
 
-def test_replace_with_rewires_and_erases_the_outlined_nodes():
+def test_outline_into_refuses_a_node_with_a_region_or_the_wrong_arity():
     g = graphopt.trace(lambda x: jnp.sin(jnp.exp(x) * 3.0) + x, jnp.ones(3))
     (exp,), (sin,) = by_op(g, "exp"), by_op(g, "sin")
-    region = outline([exp.output], [sin.output])
-    op = OpDef("outline_test_call", lambda types, params, regions: [v.type for v in regions[0].outputs],
-               lambda *args, regions, **_: list(regions[0](*args)), region_names=("body",))
-    node = g.add_node(op, [exp.output], {}, [region], before=sin)
-    erased = replace_with(node, [sin.output])
-    g.verify()
-    assert erased == 3  # sin, mul and the 3.0 it read
-    assert [n.op.name for n in g.nodes] == ["exp", "outline_test_call", "add"]
-    x = np.float32([0.1, -2, 3])
-    assert_equivalent(graphopt.lower(g)(x), np.sin(np.exp(x) * 3) + x, exact=False)
+    node = g.add_node(CALL, [exp.output], {}, before=sin)
+    outline_into(node, [exp.output], [sin.output])
+    with pytest.raises(GraphError, match="already holds a region"):
+        outline_into(node, [exp.output], [node.output])
+    with pytest.raises(GraphError, match="1 results, 2 values"):
+        outline_into(g.add_node(CALL, [exp.output], {}, before=node), [exp.output],
+                     [exp.output, exp.output])
 
 
 def test_values_of_another_graph_are_refused():
     g1 = graphopt.trace(lambda x: jnp.cos(x), jnp.ones(3))
     g2 = Graph()
     with pytest.raises(OutlineError, match="different graphs"):
-        outline([g2.add_input(g1.inputs[0].type)], [g1.outputs[0]])
+        outline_slice([g2.add_input(g1.inputs[0].type)], [g1.outputs[0]])
