@@ -28,7 +28,7 @@ import numpy as np
 
 from graphopt import _jax_compat as compat
 from graphopt.ir import Graph, Node, Provenance, Value
-from graphopt.ops import OPS, Op, params_key, primitive_named
+from graphopt.ops import OPS, Op, primitive_named, signature_key
 
 
 class Builder:
@@ -134,7 +134,7 @@ def _default_params(op, inputs, given: dict) -> dict:
         found = _DEFAULTS[key] = compat.default_params(op.primitive, avals)
     if found or not given:
         return found
-    options = params_key(given)
+    options = signature_key((), given)
     if options is None:
         return found
     key = (*key, options)

@@ -446,7 +446,15 @@ class Graph:
             raise GraphError("move_to_end: the node belongs to another graph", node)
         source._unlink(node)
         node.graph = self
-        self._link(node, None, self._last)
+        last = self._last
+        node._prev, node._next = last, None
+        if last is None:
+            self._first = node
+        else:
+            last._next = node
+        self._last = node
+        self._len += 1
+        self._count(node, 1)
 
     def inserting_before(self, node: Node | None):
         """Context in which `add_node` (without `before`/`after`) inserts before `node`.

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from graphopt.ops import OPS, OpDef, params_key, register
+from graphopt.ops import OPS, OpDef, register, signature_key
 from graphopt.types import TensorType
 
 
@@ -62,10 +62,9 @@ class CompositeOp(OpDef):
         # raise_ops builds the same op on the same types once per layer, and the shape rules
         # (dtype promotion through jnp) cost tens of µs: memoized, for nodes built without their
         # region (it is checked when given) and keyable params.
-        key = None if regions else params_key(params)
+        key = None if regions else signature_key(in_types, params)
         if key is None:
             return super().signature(in_types, params, regions)
-        key = (tuple(in_types), key)
         hit = self._signatures.get(key)
         if hit is None:
             if len(self._signatures) > 4096:
@@ -448,9 +447,8 @@ def linear_node(where, x, w, bias=None, *, dimension_numbers=None, precision=Non
     """dot_general(x, w) + bias; dimension_numbers default: x's last axis with w's first."""
     if dimension_numbers is None:
         dimension_numbers = (((x.type.ndim - 1,), (0,)), ((), ()))
-    dimension_numbers = jax.tree.map(int, dimension_numbers)
-    (lc, rc), (lb, rb) = dimension_numbers
-    params = dict(dimension_numbers=((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))),
+    (lc, rc), (lb, rb) = ([tuple(int(d) for d in dims) for dims in pair] for pair in dimension_numbers)
+    params = dict(dimension_numbers=((lc, rc), (lb, rb)),
                   precision=precision, preferred_element_type=preferred_element_type,
                   has_bias=bias is not None, implementation=implementation)
     return add_composite(where, LINEAR, [x, w] + ([bias] if bias is not None else []), params,

@@ -74,9 +74,8 @@ class PrimitiveOp(Op):
         """(output types, effects) from JAX's abstract evaluation."""
         # Unrolled models repeat the same (types, params) many times and JAX's shape rules cost
         # ~20-100 µs each, so results are memoized when the params are hashable.
-        key = params_key(params)
+        key = signature_key(in_types, params)
         if key is not None:
-            key = (tuple(in_types), key)
             hit = self._cache.get(key)
             if hit is not None:
                 return hit
@@ -96,6 +95,19 @@ class PrimitiveOp(Op):
 
     def signature(self, in_types, params, regions):
         return self._eval(in_types, params)  # one memo lookup for both
+
+
+def signature_key(in_types, params: dict):
+    """A key for memoizing shape rules, or None if a param value is unhashable: equal keys mean
+    equal input types and params equal by Python's `==` and of the same types (True and 1
+    apart). Coarser than params_key (0.0 and -0.0 are one key), which no shape rule tells apart,
+    and several times cheaper: it runs for every node built."""
+    key = (tuple(in_types), tuple([(name, type(value), value) for name, value in params.items()]))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 # Params arrays up to this many elements are keyed by content, larger ones by identity.
@@ -143,7 +155,10 @@ def _param_key(obj):
     if isinstance(obj, complex):
         return (complex, struct.pack("<dd", obj.real, obj.imag))
     if isinstance(obj, np.dtype):
-        return (np.dtype, obj.str, obj.name)
+        key = _DTYPE_KEYS.get(obj)
+        if key is None:  # dtype.name is slow (µs), and dtypes are few
+            key = _DTYPE_KEYS[obj] = (np.dtype, obj.str, obj.name)
+        return key
     if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
         return _array_key(obj)
     if isinstance(obj, (tuple, list, dict)):  # subclasses: named tuples, ordered dicts
@@ -153,6 +168,9 @@ def _param_key(obj):
     except TypeError:
         raise _Unkeyable(kind.__name__) from None
     return (kind, obj)  # jaxprs, enums, functions, shardings: their own equality
+
+
+_DTYPE_KEYS: dict = {}
 
 
 def _array_key(value):

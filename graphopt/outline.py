@@ -62,10 +62,11 @@ class OutlineError(GraphError):
 
 
 class Slice(list):
-    """What `outline_slice` returns: the nodes to outline in program order, and the ids of those
-    computed from constants only (`constant_only`)."""
+    """What `outline_slice` returns: the nodes to outline in program order, the ids of those
+    computed from constants only (`constant_only`), and of all of them (`inside`)."""
 
     constant_only: set[int]
+    inside: dict[int, bool]
 
 
 def outline_slice(inputs: Sequence[Value], outputs: Sequence[Value]) -> Slice:
@@ -73,9 +74,27 @@ def outline_slice(inputs: Sequence[Value], outputs: Sequence[Value]) -> Slice:
     docstring): raises OutlineError if the slice reads a graph input that is not in `inputs`,
     holds a node with effects, or computes a value (not an output, not constant-only) that is
     read outside."""
-    order = Slice(_slice(inputs, outputs))
-    order.constant_only = _constant_only(order, inputs)
-    _check_no_escapes(order, order.constant_only, outputs)
+    order = _slice(inputs, outputs)
+    stop = {id(v) for v in inputs}
+    produced = {id(v) for v in outputs}
+    inside = order.inside
+    constant_only: set[int] = set()
+    for node in order:  # program order: operands' producers come first
+        for v in node.inputs:
+            if id(v) in stop or v.node is None or id(v.node) not in constant_only:
+                break
+        else:
+            constant_only.add(id(node))  # copied where others read it: no escape
+            continue
+        for value in node.outputs:
+            if value.uses and id(value) not in produced:
+                for reader, _ in value.uses:
+                    if reader is None or id(reader) not in inside:
+                        where = "is a graph output" if reader is None else f"is read by {reader.op.name}"
+                        raise OutlineError(f"cannot outline: {node.op.name} computes a value that "
+                                           f"{where} outside the outlined nodes; keep it or "
+                                           "outline it too", reader if reader is not None else node)
+    order.constant_only = constant_only
     return order
 
 
@@ -112,7 +131,7 @@ def outline_into(node: Node, inputs: Sequence[Value], outputs: Sequence[Value],
     for value in inputs:
         arg = region.add_input(value.type, "input", _path(value))
         mapping.setdefault(id(value), arg)  # the same operand twice: a second input, unused
-    copied = _copied(order, order.constant_only)
+    copied = _copied(order)
     for inner in order:
         if id(inner) in copied:
             copy = region.add_node(inner.op, [mapping.get(id(v), v) for v in inner.inputs],
@@ -136,85 +155,59 @@ def outline_into(node: Node, inputs: Sequence[Value], outputs: Sequence[Value],
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def _slice(inputs: Sequence[Value], outputs: Sequence[Value]) -> list[Node]:
+def _slice(inputs: Sequence[Value], outputs: Sequence[Value]) -> Slice:
     """Nodes between `inputs` and `outputs`, in a topological (program) order."""
     if not outputs:
         raise OutlineError("cannot outline: no outputs")
     graph = outputs[0].graph
-    for value in list(inputs) + list(outputs):
+    for value in (*inputs, *outputs):
         if value.graph is not graph:
             raise OutlineError("cannot outline: the values belong to different graphs")
     stop = {id(v) for v in inputs}
-    seen: set[int] = set()
-    order: list[Node] = []
-    # Iterative post-order DFS: children (producers of operands) before the node.
-    stack: list[tuple[Node, bool]] = []
-    for value in reversed(list(outputs)):
-        if id(value) in stop:
-            continue
-        if value.node is None:
-            raise OutlineError(f"cannot outline: the result depends on graph input "
-                               f"{_path(value)!r}, which is not an operand")
-        stack.append((value.node, False))
+    order = Slice()
+    # Iterative post-order DFS: producers of operands before the node. state: id -> False once
+    # the node's operands are pushed, True once it is in `order`.
+    state: dict[int, bool] = {}
+    stack: list[Node] = []
+    for value in reversed(outputs):
+        if id(value) not in stop:
+            stack.append(_producer(value, None))
     while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
+        node = stack[-1]
+        done = state.get(id(node))
+        if done is not None:
+            stack.pop()
+            if not done:
+                state[id(node)] = True
+                order.append(node)
             continue
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
+        state[id(node)] = False
         if node.effects:
             raise OutlineError(f"cannot outline: {node.op.name} has effects "
                                f"({', '.join(sorted(map(str, node.effects)))})", node)
-        stack.append((node, True))
         for value in reversed(node.inputs):
-            if id(value) in stop:
-                continue
-            if value.node is None:
-                raise OutlineError(f"cannot outline: the result depends on graph input "
-                                   f"{_path(value)!r}, which is not an operand", node)
-            if id(value.node) not in seen:
-                stack.append((value.node, False))
+            if id(value) not in stop:
+                producer = _producer(value, node)
+                if id(producer) not in state:
+                    stack.append(producer)
+    order.inside = state
     return order
 
 
-def _constant_only(order: Sequence[Node], inputs: Sequence[Value]) -> set[int]:
-    """ids of the nodes of the slice whose values are computed from constants only."""
-    stop = {id(v) for v in inputs}
-    constant_only: set[int] = set()
-    for node in order:  # program order: operands' producers come first
-        for v in node.inputs:
-            if id(v) in stop or v.node is None or id(v.node) not in constant_only:
-                break
-        else:
-            constant_only.add(id(node))
-    return constant_only
+def _producer(value: Value, reader: Node | None) -> Node:
+    if value.node is None:
+        raise OutlineError(f"cannot outline: the result depends on graph input {_path(value)!r}, "
+                           "which is not an operand", reader)
+    return value.node
 
 
-def _check_no_escapes(order: list[Node], constant_only: set[int], outputs: Sequence[Value]) -> None:
-    inside = {id(n) for n in order}
-    produced_outputs = {id(v) for v in outputs}
-    for node in order:
-        if id(node) in constant_only:
-            continue
-        for value in node.outputs:
-            if id(value) in produced_outputs:
-                continue
-            for reader, _ in value.uses:
-                if reader is None or id(reader) not in inside:
-                    where = "is a graph output" if reader is None else f"is read by {reader.op.name}"
-                    raise OutlineError(f"cannot outline: {node.op.name} computes a value that "
-                                       f"{where} outside the outlined nodes; keep it or outline it "
-                                       "too", reader if reader is not None else node)
-
-
-def _copied(order: Sequence[Node], constant_only: set[int]) -> set[int]:
+def _copied(order: Slice) -> set[int]:
     """ids of the constant-only nodes of the slice read by something that stays outside (once
     the outputs' readers are rewired): they are copied into the region, the originals stay."""
+    constant_only = order.constant_only
     if not constant_only:
         return constant_only
-    moving = {id(n) for n in order}
+    moving = order.inside
     copied: set[int] = set()
     for node in reversed(order):  # readers first: a reader that stays keeps its operands
         if id(node) in constant_only and any(

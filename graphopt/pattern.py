@@ -133,6 +133,9 @@ class Op(Pattern):
                          ("shape", shape), ("commutative", commutative), ("single_use", single_use),
                          ("index", index), ("name", name)):
             object.__setattr__(self, key, val)
+        # The ops that can compute each operand (None: any), to skip an operand order of a
+        # commutative op on the names alone.
+        object.__setattr__(self, "_operand_ops", tuple(p.produced_by() for p in self.operands))
 
     def produced_by(self):
         return self.op
@@ -165,6 +168,8 @@ class Op(Pattern):
                     return _fail(why, lambda: f"{node.op.name} operand: {why[-1]}") if why else False
             return _bind(self.name, value, captures, why)
         for order in (inputs, inputs[::-1]):
+            if why is None and not _may_match(self._operand_ops, order):
+                continue  # explain() tries it, for the reason
             trial = dict(captures)
             sub_why = [] if why is not None else None
             if all(p.match(v, trial, sub_why) for p, v in zip(self.operands, order)):
@@ -274,6 +279,14 @@ def _operand_guard(pattern: Op) -> OperandGuard | None:
         return None
     ops = tuple(p.produced_by() for p in pattern.operands)
     return OperandGuard(len(ops), ops, pattern.commutative and len(ops) == 2)
+
+
+def _may_match(operand_ops: tuple, operands) -> bool:
+    """Whether each operand is computed by one of the ops its pattern allows (None: any)."""
+    for ops, value in zip(operand_ops, operands):
+        if ops is not None and (value.node is None or value.node.op.name not in ops):
+            return False
+    return True
 
 
 def _producer_ops(node: Node) -> tuple:

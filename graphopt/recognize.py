@@ -33,6 +33,7 @@ import numpy as np
 
 from graphopt import _jax_compat as compat
 from graphopt.ir import Value
+from graphopt.ops import CONSTANT
 from graphopt.pattern import Op, Pattern, _bind, _fail, any_guard
 
 # Constant-only values up to this many elements are evaluated (masks of long sequences are not).
@@ -45,6 +46,9 @@ class AnyOf(Pattern):
     def __init__(self, *alternatives: Pattern, name: str | None = None):
         self.alternatives = alternatives
         self.name = name
+        # (alternative, the ops that can compute what it matches or None): an alternative is
+        # tried only on a value one of its ops computes (without copying the captures).
+        self._tries = [(p, p.produced_by()) for p in alternatives]
 
     def produced_by(self):
         names = [p.produced_by() for p in self.alternatives]
@@ -54,7 +58,11 @@ class AnyOf(Pattern):
         return any_guard(self.alternatives)
 
     def match(self, value, captures, why):
-        for pattern in self.alternatives:
+        node = value.node
+        op = node.op.name if node is not None else None
+        for pattern, ops in self._tries:
+            if ops is not None and op not in ops and why is None:
+                continue  # explain() tries it, for the reason
             trial = dict(captures)
             if pattern.match(value, trial, why) and _bind(self.name, value, trial, why):
                 captures.clear()
@@ -218,6 +226,12 @@ def kept_shape(shape, axes) -> tuple:
 def constant_array(value: Value, max_elements: int = MAX_EVAL_ELEMENTS) -> np.ndarray | None:
     """The value as a numpy array if it is computed from constants only (no graph input, no
     effects, no regions), else None. Evaluated eagerly with the graph's own primitives."""
+    node = value.node
+    if node is not None and node.op is CONSTANT:  # the usual case, after fold_constants
+        if value.type.size > max_elements:
+            return None
+        p = node.params
+        return np.asarray(p["value"], p["dtype"])
     memo: dict[int, Any] = {}
     if not _constant_only(value, memo, max_elements):
         return None
