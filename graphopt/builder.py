@@ -42,9 +42,12 @@ class Builder:
         self._made_by = made_by
         self._provenance = None
         self._start = before._prev if before is not None else graph._last
-        self.on_rewired: list[Callable[[], Any]] = []
-        self.modified: list[Node] = []  # nodes changed in place (modify), and the nodes that
-        self.released: list[Node] = []  # computed their former operands
+
+    # Filled in when used (most builders build one node): actions to run once rewired, the nodes
+    # changed in place (modify), and the nodes that computed their former operands.
+    on_rewired: list[Callable[[], Any]] | tuple = ()
+    modified: list[Node] | tuple = ()
+    released: list[Node] | tuple = ()
 
     @property
     def provenance(self) -> Provenance:
@@ -67,8 +70,9 @@ class Builder:
         Raises GraphError, changing nothing, if the types would differ."""
         op, params = self._resolve(op, inputs, params)
         node = value.node
-        self.released.extend(self.graph.modify(node, op, inputs, params, self.provenance))
-        self.modified.append(node)
+        released = self.graph.modify(node, op, inputs, params, self.provenance)
+        self.released = [*self.released, *released]
+        self.modified = [*self.modified, node]
         return value
 
     def _resolve(self, op, inputs, params):
@@ -100,7 +104,7 @@ class Builder:
         """Run `action` once the rewrite driver has made the replaced values' readers read the
         replacement, before it erases what became dead (a rule that moves the matched nodes into
         the new node's region can only move them then)."""
-        self.on_rewired.append(action)
+        self.on_rewired = [*self.on_rewired, action]
 
     @property
     def created(self) -> list[Node]:

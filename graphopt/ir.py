@@ -402,7 +402,7 @@ class Graph:
             raise GraphError("modify: the node belongs to another graph", node)
         inputs = list(inputs)
         for value in inputs:
-            if value.graph is not self:
+            if (value.node.graph if value.node is not None else value.graph) is not self:
                 raise GraphError(f"{op.name}: an input belongs to another graph", node)
         in_types = [v.type for v in inputs]
         try:
@@ -410,8 +410,9 @@ class Graph:
         except Exception as err:
             raise GraphError(f"{op.name}: inputs ({', '.join(map(str, in_types))}) are not "
                              f"accepted: {err}", node) from err
-        if node.regions or types is None or list(types) != [v.type for v in node.outputs] or \
-                (frozenset(effects) or NO_EFFECTS) != node.effects:
+        outputs = node.outputs
+        if node.regions or types is None or len(types) != len(outputs) or \
+                any(t != v.type for t, v in zip(types, outputs)) or effects != node.effects:
             raise GraphError(f"cannot modify {node.op.name} into {op.name} in place: the types or "
                              "effects would change (build a new node and replace_all_uses)", node)
         former = [v.node for v in node.inputs if v.node is not None]

@@ -386,26 +386,32 @@ def _apply(graph: Graph, rule: Rule, root: Node, captures: dict, made_by) -> lis
     visiting again (those built and the readers of the replaced values), or None if the rule
     declined."""
     builder = Builder(graph, before=root, made_by=made_by or rule.name, origin=root.provenance)
-    args = {k: v for k, v in captures.items() if not k.startswith("_")}  # "_root" is private
-    result = rule.replacement(builder, **args)
+    result = rule.replacement(builder, **{k: v for k, v in captures.items() if k[0] != "_"})  # "_root" is private
     if result is None:
         if builder.modified:
             raise GraphError(f"rule {rule.name!r} modified a node in place, then declined; a rule "
                              "modifies last, once it will not decline", root)
         builder.discard()
         return None
-    pairs = []
-    for name, new in result.items() if isinstance(result, dict) else (("_root", result),):
-        old = captures.get(name)
-        _check_replacement(rule, name, old, new, builder, root)  # all checked before any rewiring
-        pairs.append((old, new))
-    touched = builder.created + builder.modified
+    if isinstance(result, dict):
+        pairs = [(captures.get(name), new) for name, new in result.items()]
+        names = list(result)
+    else:
+        pairs, names = [(captures.get("_root"), result)], ["_root"]
+    for name, (old, new) in zip(names, pairs):  # all checked before any rewiring
+        _check_replacement(rule, name, old, new, builder, root)
+    touched = builder.created
+    if builder.modified:
+        touched += builder.modified
+    dead = list(builder.released)
     for old, new in pairs:
-        touched.extend(node for node, _ in old.uses if node is not None)
+        touched.extend([node for node, _ in old.uses if node is not None])
         graph.replace_all_uses(old, new)
+        if old.node is not None:
+            dead.append(old.node)
     for action in builder.on_rewired:
         action()
-    erase_dead([old.node for old, _ in pairs if old.node is not None] + builder.released)
+    erase_dead(dead)
     return [n for n in touched if n.graph is graph]  # erased nodes have no graph
 
 
