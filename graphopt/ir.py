@@ -545,11 +545,22 @@ class Graph:
             node = nxt
 
     def walk(self) -> Iterator[Node]:
-        """Every node, regions included (a region's nodes follow the node that holds it)."""
-        for node in self.nodes:
-            yield node
-            for region in node.regions:
-                yield from region.walk()
+        """Every node, regions included (a region's nodes follow the node that holds it).
+        Erasing the current node while walking is allowed, as with `nodes`."""
+        resume: list[Node | None] = []  # where to go on once a region is done
+        node = self._first
+        while True:
+            while node is not None:
+                nxt, regions = node._next, node.regions
+                yield node
+                if regions:  # one generator for any depth: a pass walks every node
+                    resume.append(nxt)
+                    resume.extend(r._first for r in reversed(regions[1:]))
+                    nxt = regions[0]._first
+                node = nxt
+            if not resume:
+                return
+            node = resume.pop()
 
     def params(self) -> list[Argument]:
         return [a for a in self.inputs if a.role == "param"]

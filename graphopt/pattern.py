@@ -290,7 +290,11 @@ def _may_match(operand_ops: tuple, operands) -> bool:
 
 
 def _producer_ops(node: Node) -> tuple:
-    return tuple([v.node.op.name if v.node is not None else None for v in node.inputs])
+    names = []
+    for v in node.inputs:
+        producer = v.node
+        names.append(producer.op.name if producer is not None else None)
+    return tuple(names)
 
 
 # Every rule ever defined, by name: for the coverage test (each rule must fire in some test).
@@ -345,8 +349,11 @@ class _Dispatch:
 def _rewrite_graph(graph, dispatch, fired, made_by, max_rewrites):
     limit = max_rewrites if max_rewrites is not None else 10 * len(graph) + 1000
     by_op = dispatch.by_op
-    worklist = list(graph.nodes)
-    worklist.reverse()  # pop() from the end: visit in program order
+    worklist = []  # reversed, so that pop() from the end visits in program order
+    node = graph._last
+    while node is not None:
+        worklist.append(node)
+        node = node._prev
     queued = set(worklist)  # nodes hash by identity
     count = 0
     while worklist:
