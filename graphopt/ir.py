@@ -447,15 +447,7 @@ class Graph:
             raise GraphError("move_to_end: the node belongs to another graph", node)
         source._unlink(node)
         node.graph = self
-        last = self._last
-        node._prev, node._next = last, None
-        if last is None:
-            self._first = node
-        else:
-            last._next = node
-        self._last = node
-        self._len += 1
-        self._count(node, 1)
+        self._splice(node, self._last, None)
 
     def inserting_before(self, node: Node | None):
         """Context in which `add_node` (without `before`/`after`) inserts before `node`.
@@ -479,6 +471,10 @@ class Graph:
             prev, nxt = after, after._next
         else:
             prev, nxt = self._last, None
+        self._splice(node, prev, nxt)
+
+    def _splice(self, node: Node, prev: Node | None, nxt: Node | None) -> None:
+        """Put `node` between `prev` and `nxt` (neighbours, or None at an end)."""
         node._prev, node._next = prev, nxt
         if prev is None:
             self._first = node
