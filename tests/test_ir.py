@@ -137,3 +137,45 @@ def test_erase_dead_keeps_nodes_with_readers_and_takes_dead_producers():
     assert erase_dead([cos]) == 0  # a graph output reads it
     g.set_outputs([x])
     assert erase_dead([cos]) == 2 and len(g) == 0  # cos, then sin, which only cos read
+
+
+def test_modify_changes_a_node_in_place_or_nothing():
+    g, x, s, c = _sin_cos_graph()
+    former = g.modify(s, primitive_op(jax.lax.exp_p), [x], {})
+    assert former == [] and s.op.name == "exp" and c.inputs[0] is s.output and len(g) == 2
+    g.verify()
+    with pytest.raises(GraphError, match="cannot modify exp into convert_element_type in place"):
+        g.modify(s, primitive_op(jax.lax.convert_element_type_p), [x],
+                 {"new_dtype": np.dtype(np.float16), "weak_type": False, "sharding": None})
+    assert s.op.name == "exp" and s.inputs == [x]  # unchanged
+    former = g.modify(c, primitive_op(jax.lax.neg_p), [x], {})  # s loses its reader
+    assert former == [s] and erase_dead(former) == 1
+    g.verify()
+
+
+def test_running_totals_follow_links_moves_and_modifications():
+    from graphopt.cost import graph_stats
+
+    g, x, s, c = _sin_cos_graph()
+    assert graph_stats(g) == (2, 6, 0)
+    region = Graph("region")
+    region.add_input(F32_3)
+    region.move_to_end(s, g)  # the region now holds sin (operands rewired by the caller)
+    assert (len(g), len(region), g._plain_flops, region._plain_flops) == (1, 1, 3, 3)
+    with pytest.raises(GraphError, match="belongs to another graph"):
+        region.move_to_end(c, region)
+
+
+def test_gc_paused_promotes_what_it_built_unscanned():
+    import gc
+    import sys
+
+    from graphopt.ir import gc_paused
+
+    gc.collect()
+    with gc_paused():
+        assert not gc.isenabled()
+        built = [[i] for i in range(1000)]
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    if sys.version_info < (3, 14):  # three generations, 2 the oldest (3.14's collector differs)
+        assert any(o is built for o in gc.get_objects(2))  # young collections will not scan it

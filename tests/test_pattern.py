@@ -139,3 +139,16 @@ def test_rewritten_nodes_record_the_rule():
     rewrite(g, [rule])
     assert {n.provenance.made_by for n in g.nodes} == {"test/tanh-sigmoid"}
     assert np.allclose(graphopt.lower(g)(jnp.linspace(-2, 2, 3)), jnp.tanh(jnp.linspace(-2, 2, 3)), atol=1e-6)
+
+
+def test_a_rule_may_modify_the_root_in_place_but_not_then_decline():
+    swap = Rule("test/exp-to-sin", Op("exp", Var("x"), name="out"), lambda b, x, out: b.modify(out, "sin", x))
+    g = graphopt.trace(lambda x: jnp.cos(jnp.exp(x)), jnp.ones(3))
+    exp = next(g.nodes)
+    assert rewrite(g, [swap]) == {"test/exp-to-sin": 1}
+    assert next(g.nodes) is exp and ops(g) == ["sin", "cos"] and exp.provenance.made_by == "test/exp-to-sin"
+    g.verify()
+    bad = Rule("test/modify-then-decline", Op("sin", Var("x"), name="out"),
+               lambda b, x, out: (b.modify(out, "cos", x), None)[1])
+    with pytest.raises(GraphError, match="modified a node in place, then declined"):
+        rewrite(g, [bad])
