@@ -52,8 +52,8 @@ import jax
 import numpy as np
 
 from graphopt import _jax_compat as compat
-from graphopt.ops import CONSTANT
-from graphopt.passes.cse import ValueTable
+from graphopt.ops import CONSTANT, params_key
+from graphopt.passes.cse import ValueTable, _constant_key
 from graphopt.pipeline import register_pass
 from graphopt.types import is_extended_dtype
 
@@ -215,7 +215,46 @@ def _evaluate(plan: _Plan) -> list[np.ndarray]:
     for value in plan.wanted:
         index.setdefault(id(same.get(id(value), value)), len(index))
     returned = {i: v for v, i in index.items()}
+    key = _program_key(distinct, same, [returned[i] for i in range(len(returned))])
+    results = _PROGRAMS.get(key) if key is not None else None
+    if results is None:
+        results = _run_program(distinct, same, returned)
+        if key is not None:
+            _PROGRAMS[key] = (results, [n.params for n in distinct])  # keeps id-keyed objects alive
+            while len(_PROGRAMS) > MAX_CACHED_PROGRAMS:
+                del _PROGRAMS[next(iter(_PROGRAMS))]
+    else:
+        results = results[0]
+    return [results[index[id(same.get(id(v), v))]] for v in plan.wanted]
 
+
+# Results of the constant programs evaluated in this process, by their content (see
+# _program_key): optimizing a model again (another clone, a second `optimize` of the same model,
+# the benchmark's repeats) skips the XLA compile, most of this pass's time.
+_PROGRAMS: dict = {}
+MAX_CACHED_PROGRAMS = 32
+
+
+def _program_key(distinct, same, returned) -> tuple | None:
+    """What the constant program computes, as a hashable key: per node its op, params (exact
+    keys), types and operands by position, and which values (`returned`: ids) it returns; None
+    if some params cannot be keyed. Objects keyed by identity (large arrays) stay alive with the
+    entry."""
+    position = {}
+    parts = []
+    for i, node in enumerate(distinct):
+        params = _constant_key(node.params["value"]) if node.op is CONSTANT else params_key(node.params)
+        if params is None:
+            return None
+        operands = tuple(position[id(same.get(id(v), v))] for v in node.inputs)
+        parts.append((node.op.name, params, operands, tuple(v.type for v in node.outputs)))
+        position.update((id(v), (i, j)) for j, v in enumerate(node.outputs))
+    return tuple(parts), tuple(position[v] for v in returned), bool(jax.config.jax_enable_x64)
+
+
+def _run_program(distinct, same, returned: dict) -> list[np.ndarray]:
+    """Evaluate the distinct nodes as one jitted CPU program; the values `returned` (i -> id of
+    a value) in that order, as read-only arrays."""
     def program():
         env = {}
         for node in distinct:
@@ -236,8 +275,10 @@ def _evaluate(plan: _Plan) -> list[np.ndarray]:
     on_cpu = jax.sharding.SingleDeviceSharding(cpu)
     with jax.default_device(cpu):
         outs = jax.jit(program, out_shardings=on_cpu).lower().compile()()
-    results = [np.asarray(out) for out in outs]
-    return [results[index[id(same.get(id(v), v))]] for v in plan.wanted]
+    results = [np.array(out) for out in outs]
+    for result in results:
+        result.setflags(write=False)  # shared by every graph that folds the same program
+    return results
 
 
 def _rewrite(plan: _Plan, results) -> Counter:

@@ -6,6 +6,8 @@ inputs with NaN, ±Inf and ±0: folded values are XLA's own folding of the same 
 bits must be identical.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +179,7 @@ def test_a_node_jax_refuses_to_bind_is_left_and_the_rest_folds(monkeypatch):
         return bind(primitive, args, params)
 
     monkeypatch.setattr(compat, "bind", picky_bind)
+    monkeypatch.setattr(importlib.import_module("graphopt.passes.fold_constants"), "_PROGRAMS", {})
     graph = graphopt.trace(lambda x: x + jnp.sin(F32(1.0)) * jnp.cos(F32(2.0)), X)
     record = run_pipeline(graph, ["fold_constants", "dce"], debug=True).report.records[0]
     assert ops(graph) == ["constant", "sin", "constant", "mul", "add"]
@@ -209,3 +212,23 @@ def test_fold_constants_and_cse_shrink_the_demo_transformer_and_keep_its_bits(de
     assert sum(1 for _ in graph.walk()) < before
     assert_equivalent(jax.jit(graphopt.lower(graph))(variables, tokens),
                       jax.jit(model.apply)(variables, tokens), exact=True)
+
+
+def test_an_equal_constant_program_is_evaluated_once_per_process(monkeypatch):
+    fc = importlib.import_module("graphopt.passes.fold_constants")
+    runs = []
+    real = fc._run_program
+    monkeypatch.setattr(fc, "_run_program", lambda *a: runs.append(1) or real(*a))
+    monkeypatch.setattr(fc, "_PROGRAMS", {})
+
+    def model(scale):
+        return lambda x: x * jnp.sqrt(jnp.arange(4.0) + scale)
+
+    folded = []
+    for scale in (1.0, 1.0, 2.0):  # two equal programs (different graphs), then another
+        g = run_pipeline(graphopt.trace(model(scale), jnp.ones(4)), ["fold_constants"]).graph
+        (constant,) = [n for n in g.nodes if n.op.name == "constant"]
+        folded.append(constant.params["value"])
+    assert len(runs) == 2
+    assert folded[0] is folded[1] and not folded[0].flags.writeable
+    np.testing.assert_array_equal(folded[2], np.sqrt(np.arange(4.0, dtype=np.float32) + 2))
