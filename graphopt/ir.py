@@ -200,10 +200,7 @@ class Graph:
         """
         params = dict(params or {})
         inputs = list(inputs)
-        for value in inputs:
-            if value.graph is not self:
-                raise GraphError(f"{op.name}: an input belongs to another graph "
-                                 "(regions only see their own inputs)")
+        self._check_inputs(op, inputs)
         node = Node.__new__(Node)
         node.op, node.inputs, node.params = op, inputs, params
         node.regions = tuple(regions)
@@ -318,18 +315,15 @@ class Graph:
         if node.graph is not self:
             raise GraphError("modify: the node belongs to another graph", node)
         inputs = list(inputs)
-        for value in inputs:
-            if (value.node.graph if value.node is not None else value.graph) is not self:
-                raise GraphError(f"{op.name}: an input belongs to another graph", node)
+        self._check_inputs(op, inputs, node)
         in_types = [v.type for v in inputs]
         try:
             types, effects = op.signature(in_types, params, ())
         except Exception as err:
             raise GraphError(f"{op.name}: inputs ({', '.join(map(str, in_types))}) are not "
                              f"accepted: {err}", node) from err
-        outputs = node.outputs
-        if node.regions or types is None or len(types) != len(outputs) or \
-                any(t != v.type for t, v in zip(types, outputs)) or effects != node.effects:
+        if node.regions or types is None or list(types) != [v.type for v in node.outputs] or \
+                effects != node.effects:
             raise GraphError(f"cannot modify {node.op.name} into {op.name} in place: the types or "
                              "effects would change (build a new node and replace_all_uses)", node)
         former = [v.node for v in node.inputs if v.node is not None]
@@ -343,6 +337,12 @@ class Graph:
         if provenance is not None:
             node.provenance = provenance
         return former
+
+    def _check_inputs(self, op: Op, inputs: Sequence[Value], node: Node | None = None) -> None:
+        for value in inputs:
+            if value.graph is not self:
+                raise GraphError(f"{op.name}: an input belongs to another graph (regions only see "
+                                 "their own inputs)", node)
 
     def erase(self, node: Node) -> None:
         """Remove a node whose outputs are unused."""

@@ -210,10 +210,13 @@ def _copied(order: Slice) -> set[int]:
     moving = order.inside
     copied: set[int] = set()
     for node in reversed(order):  # readers first: a reader that stays keeps its operands
-        if id(node) in constant_only and any(
-                reader is None or id(reader) not in moving or id(reader) in copied
-                for value in node.outputs for reader, _ in value.uses):
-            copied.add(id(node))
+        if id(node) not in constant_only:
+            continue
+        for value in node.outputs:  # plain loops: this runs for every op raise_ops raises
+            for reader, _ in value.uses:
+                if reader is None or id(reader) not in moving or id(reader) in copied:
+                    copied.add(id(node))
+                    break
     return copied
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections import Counter
 from typing import Any, Callable, Sequence
 
@@ -278,6 +279,8 @@ def _operand_guard(pattern: Op) -> OperandGuard | None:
     if not pattern.operands:
         return None
     ops = tuple(p.produced_by() for p in pattern.operands)
+    if all(names is None for names in ops):
+        return None  # the operand count alone: the match checks it, and costs less than a guard
     return OperandGuard(len(ops), ops, pattern.commutative and len(ops) == 2)
 
 
@@ -335,9 +338,13 @@ class _Dispatch:
             for op in rule.pattern.op:
                 self.by_op.setdefault(op, []).append(rule)
         self._cache: dict[tuple, list[Rule]] = {}
+        # The ops with a guarded rule: for the others, every rule is a candidate.
+        self.guarded = {op for op, rules in self.by_op.items() if any(r._guard is not None for r in rules)}
 
     def candidates(self, node: Node, rules: list[Rule]) -> list[Rule]:
         """Those of `rules` (the rules for node's op) whose operand guards admit `node`."""
+        if node.op.name not in self.guarded:
+            return rules
         producers = _producer_ops(node)
         key = (node.op.name, producers)
         found = self._cache.get(key)
@@ -467,8 +474,14 @@ def _type_ok(pattern, value, why) -> bool:
 
 
 def _same_scalar(array: np.ndarray, want) -> bool:
+    """Whether 0-d `array` holds `want` exactly: NaN equals NaN, −0 only −0."""
     if array.ndim != 0:
         return False
+    if array.dtype.kind == "f" and type(want) in (float, int):  # the common case, without numpy
+        a, b = float(array), float(want)
+        if a != a:
+            return b != b
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
     a, b = array.astype(np.float64) if array.dtype.kind in "fc" else array, np.asarray(want)
     if np.isnan(a) if a.dtype.kind == "f" else False:
         return bool(np.isnan(b)) if b.dtype.kind == "f" else False

@@ -107,7 +107,7 @@ class TensorType:
         return self if not self.weak_type else TensorType(self.shape, self.dtype, False)
 
     def __eq__(self, other):
-        return (isinstance(other, TensorType) and self.shape == other.shape
+        return self is other or (isinstance(other, TensorType) and self.shape == other.shape
                 and self.dtype == other.dtype and self.weak_type == other.weak_type)
 
     def __hash__(self):
