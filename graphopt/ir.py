@@ -357,14 +357,47 @@ class Graph:
         self._unlink(node)
         node.graph = None
 
-    def move_to_end(self, node: Node, source: "Graph") -> None:
-        """Move `node` from `source` to the end of this graph, uses and all; the caller rewires
-        its operands that belong to `source` (see graphopt.outline.outline_into)."""
-        if node.graph is not source:
-            raise GraphError("move_to_end: the node belongs to another graph", node)
-        source._unlink(node)
-        node.graph = self
-        self._splice(node, self._last, None)
+    def move_to_end(self, nodes: Sequence[Node], source: "Graph") -> None:
+        """Move `nodes` (in this order) from `source` to the end of this graph, uses and all; the
+        caller rewires their operands that belong to `source` (see graphopt.outline.outline_into).
+        Raises GraphError, moving nothing, if one of them is not in `source`."""
+        for node in nodes:
+            if node.graph is not source or source is self:
+                raise GraphError("move_to_end: the node belongs to another graph", node)
+        # One loop for the unlink, the link and the running totals: raise_ops moves most nodes
+        # of a transformer this way, a few per op.
+        last, flops = self._last, 0
+        for node in nodes:
+            prev, nxt = node._prev, node._next
+            if prev is None:
+                source._first = nxt
+            else:
+                prev._next = nxt
+            if nxt is None:
+                source._last = prev
+            else:
+                nxt._prev = prev
+            node._prev, node._next = last, None
+            if last is None:
+                self._first = node
+            else:
+                last._next = node
+            last = node
+            node.graph = self
+            op = node.op
+            if op is not CONSTANT and op.kind != "opaque" and not node.regions:
+                f = node._flops
+                if f is None:
+                    f = node._flops = plain_flops(node)
+                flops += f
+            else:  # constants, opaque ops and region holders have totals of their own
+                source._count(node, -1)
+                self._count(node, 1)
+        self._last = last
+        source._len -= len(nodes)
+        self._len += len(nodes)
+        source._plain_flops -= flops
+        self._plain_flops += flops
 
     def inserting_before(self, node: Node | None):
         """Context in which `add_node` (without `before`/`after`) inserts before `node`.

@@ -132,15 +132,20 @@ def outline_into(node: Node, inputs: Sequence[Value], outputs: Sequence[Value],
         arg = region.add_input(value.type, "input", _path(value))
         mapping.setdefault(id(value), arg)  # the same operand twice: a second input, unused
     copied = _copied(order)
-    for inner in order:
-        if id(inner) in copied:
+    moving = order
+    if copied:  # copied first: copies never read a moved node (_copied copies their producers)
+        moving = []
+        for inner in order:
+            if id(inner) not in copied:
+                moving.append(inner)
+                continue
             copy = region.add_node(inner.op, [mapping.get(id(v), v) for v in inner.inputs],
                                    inner.params, [r.clone()[0] for r in inner.regions],
                                    inner.provenance, _types=[v.type for v in inner.outputs],
                                    _effects=inner.effects)
             mapping.update(zip(map(id, inner.outputs), copy.outputs))
-            continue
-        region.move_to_end(inner, graph)
+    region.move_to_end(moving, graph)
+    for inner in moving:
         operands = inner.inputs
         for i, value in enumerate(operands):
             moved = mapping.get(id(value))

@@ -160,10 +160,12 @@ def test_running_totals_follow_links_moves_and_modifications():
     assert graph_stats(g) == (2, 6, 0)
     region = Graph("region")
     region.add_input(F32_3)
-    region.move_to_end(s, g)  # the region now holds sin (operands rewired by the caller)
+    region.move_to_end([s], g)  # the region now holds sin (operands rewired by the caller)
     assert (len(g), len(region), g._plain_flops, region._plain_flops) == (1, 1, 3, 3)
+    assert [n.op.name for n in g.nodes] == ["cos"] and list(region.nodes) == [s] and s.graph is region
     with pytest.raises(GraphError, match="belongs to another graph"):
-        region.move_to_end(c, region)
+        region.move_to_end([c], region)
+    assert c.graph is g and len(g) == 1  # nothing moved
 
 
 def test_gc_paused_promotes_what_it_built_unscanned():
