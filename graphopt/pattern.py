@@ -356,10 +356,13 @@ class _Dispatch:
 def _rewrite_graph(graph, dispatch, fired, made_by, max_rewrites):
     limit = max_rewrites if max_rewrites is not None else 10 * len(graph) + 1000
     by_op = dispatch.by_op
-    worklist = []  # reversed, so that pop() from the end visits in program order
+    # Only nodes some rule is rooted at, or that hold regions, are visited: the rest cannot change
+    # here. Reversed, so that pop() from the end visits in program order.
+    worklist = []
     node = graph._last
     while node is not None:
-        worklist.append(node)
+        if node.op.name in by_op or node.regions:
+            worklist.append(node)
         node = node._prev
     queued = set(worklist)  # nodes hash by identity
     count = 0
@@ -389,7 +392,7 @@ def _rewrite_graph(graph, dispatch, fired, made_by, max_rewrites):
                     f"{', '.join(f'{k}×{v}' for k, v in fired.most_common(3))}. Two rules probably undo "
                     "each other", node)
             for fresh in new_nodes:
-                if fresh not in queued and fresh.graph is graph:
+                if fresh not in queued and fresh.graph is graph and (fresh.op.name in by_op or fresh.regions):
                     worklist.append(fresh)
                     queued.add(fresh)
             break

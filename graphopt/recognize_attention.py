@@ -63,6 +63,7 @@ MAX_CHECKED_ELEMENTS = 1 << 24
 def raise_attention(graph: Graph) -> Counter:
     """Replace every recognized attention in `graph` (and its regions, not those of composites)."""
     fired: Counter = Counter()
+    constants: dict = {}  # id -> (value, array): unrolled layers share one mask (after cse)
     for node in list(graph.nodes):
         if node.graph is not graph:
             continue  # erased by an earlier match
@@ -70,7 +71,7 @@ def raise_attention(graph: Graph) -> Counter:
             for region in node.regions:
                 fired.update(raise_attention(region))
         if node.op.name == "dot_general":
-            match = match_attention(node)
+            match = match_attention(node, constants)
             if match is not None and _replace(match):
                 fired["raise_ops/attention"] += 1
     return fired
@@ -92,15 +93,16 @@ class AttentionMatch:
     layout: str
 
 
-def match_attention(pv: Node) -> AttentionMatch | None:
-    """The attention whose p·v product is `pv` (a dot_general), or None."""
+def match_attention(pv: Node, constants: dict | None = None) -> AttentionMatch | None:
+    """The attention whose p·v product is `pv` (a dot_general), or None. `constants` memoizes
+    the constant masks read (see `_constant`) across calls on one unchanged region of a graph."""
     if pv.params.get("out_sharding") is not None:
         return None
     for side in (0, 1):
         probs = _through(pv.inputs[side], ("convert_element_type",))
         if probs.node is not None and probs.node.op.name == "softmax":
             for layout in LAYOUTS:
-                found = _match(pv, side, probs.node, layout)
+                found = _match(pv, side, probs.node, layout, constants)
                 if found is not None:
                     return found
     return None
@@ -108,7 +110,7 @@ def match_attention(pv: Node) -> AttentionMatch | None:
 
 # --- matching ------------------------------------------------------------------------------------
 
-def _match(pv: Node, side: int, softmax: Node, layout: str) -> AttentionMatch | None:
+def _match(pv: Node, side: int, softmax: Node, layout: str, constants) -> AttentionMatch | None:
     q_labels, kv_labels = LAYOUTS[layout]
     found = _score_chain(softmax.inputs[0], [])
     if found is None:
@@ -128,13 +130,14 @@ def _match(pv: Node, side: int, softmax: Node, layout: str) -> AttentionMatch | 
         labels = _dot_labels(qk, *operands, contract="H")
         if labels is None or sorted(labels) != sorted({"B", "K", "T", "S"} | ({"G"} & set(labels))):
             continue
-        match = _match_scores(pv, side, softmax, layout, q, k, labels, steps, q_factor * k_factor)
+        match = _match_scores(pv, side, softmax, layout, q, k, labels, steps, q_factor * k_factor,
+                              constants)
         if match is not None:
             return match
     return None
 
 
-def _match_scores(pv, side, softmax, layout, q, k, labels, steps, scale):
+def _match_scores(pv, side, softmax, layout, q, k, labels, steps, scale, constants):
     q_labels, kv_labels = LAYOUTS[layout]
     sizes = dict(zip(("B", "T"), (q.type.shape[q_labels.index("B")], q.type.shape[q_labels.index("T")])))
     sizes.update(N=q.type.shape[q_labels.index("N")], S=k.type.shape[kv_labels.index("S")],
@@ -156,7 +159,7 @@ def _match_scores(pv, side, softmax, layout, q, k, labels, steps, scale):
                 return None
         else:  # mask
             pred, fill = data
-            found = _mask_operand(pred, labels, sizes)
+            found = _mask_operand(pred, labels, sizes, constants)
             if found is None:
                 return None
             mask, is_causal = found
@@ -351,25 +354,47 @@ def _layout_shape(labels, sizes) -> tuple:
     return tuple(sizes["N"] // sizes["K"] if a == "G" else sizes[a] for a in labels)
 
 
-def _mask_operand(pred: Value, labels, sizes):
+def _mask_operand(pred: Value, labels, sizes, constants=None):
     """(mask operand or None, is_causal) for a select's predicate, or None if not recognized."""
-    keep = constant_array(pred)
+    keep = _constant(pred, constants)
     if keep is None:
         mask = _user_operand(pred, labels, sizes)
         if mask is None and pred.node is not None and pred.node.op.name == "and":
             # jax.nn.dot_product_attention(mask=m, is_causal=True): and(m, causal)
             for causal, user in (pred.node.inputs, pred.node.inputs[::-1]):
-                if _is_causal(constant_array(causal), labels, sizes) and len(user.uses) == 1:
+                if _causal_constant(causal, labels, sizes, constants) and len(user.uses) == 1:
                     mask = _user_operand(user, labels, sizes)
                     if mask is not None:
                         return (mask, True)
         return None if mask is None else (mask, False)
     if keep.all():
         return (None, False)
-    if _is_causal(keep, labels, sizes):
+    if _causal_constant(pred, labels, sizes, constants):
         return (None, True)
     mask = _user_operand(pred, labels, sizes)  # another constant mask: an operand
     return None if mask is None else (mask, False)
+
+
+def _constant(value: Value, constants: dict | None):
+    """constant_array(value), memoized in `constants` (id -> (value, array); holding the value
+    keeps its id from being reused) when given."""
+    if constants is None:
+        return constant_array(value)
+    found = constants.get(id(value))
+    if found is None:
+        found = constants[id(value)] = (value, constant_array(value))
+    return found[1]
+
+
+def _causal_constant(value: Value, labels, sizes, constants: dict | None) -> bool:
+    """_is_causal of value's constant array, memoized in `constants` when given."""
+    if constants is None:
+        return _is_causal(constant_array(value), labels, sizes)
+    key = ("causal", id(value), labels, tuple(sizes.items()))
+    found = constants.get(key)
+    if found is None:
+        found = constants[key] = (value, _is_causal(_constant(value, constants), labels, sizes))
+    return found[1]
 
 
 def _is_causal(keep, labels, sizes) -> bool:
