@@ -330,8 +330,11 @@ def _compile(args) -> int:
     model, pipeline = _model_and_pipeline(args)
     programs = {}
     name = args.passes or args.pipeline
-    if args.mesh:  # graphopt.shard traces and runs the pipeline itself
-        for label, spec in ([("none", "none")] if args.compare else []) + [(name, pipeline)]:
+    if args.mesh:  # graphopt.shard traces and runs the pipeline itself; --disable applies
+        from graphopt.pipeline import resolve
+
+        kept = [spec for _, spec in resolve(pipeline, args.disable)]
+        for label, spec in ([("none", "none")] if args.compare else []) + [(name, kept)]:
             programs[label] = compile(model.fn, *model.args, target=target, pipeline=spec, mesh=args.mesh,
                                       params_argnums=args.params_argnums)
     else:

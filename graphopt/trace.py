@@ -86,7 +86,7 @@ def trace_jaxpr(fn: Callable, *example_args, params_argnums=None, static_argnums
     checked and the model traced by JAX, with graphopt's error messages (`TraceError` naming the
     argument or the model's source line). The program cache keys on it too."""
     model_name = _model_name(fn)
-    fn, example_args, params_argnums = _drop_static(fn, example_args, params_argnums, static_argnums)
+    fn, example_args, params_argnums = drop_static(fn, example_args, params_argnums, static_argnums)
     adapted = adapt(fn, example_args, params_argnums)
     leaves, in_tree = _check_leaves(adapted)
     try:
@@ -153,7 +153,14 @@ _INLINE_CACHE: dict = {}
 
 # --- arguments -----------------------------------------------------------------------------------
 
-def _drop_static(fn, args, params_argnums, static_argnums):
+def drop_static(fn, args, params_argnums, static_argnums):
+    """`fn` with its static arguments bound to their values in `args`: returns the function of
+    the other arguments, those arguments, and `params_argnums` renumbered among them.
+
+    >>> f, rest, params = drop_static(lambda w, n, x: x * w * n, (2.0, 3, 5.0), 0, 1)
+    >>> rest, params, f(*rest)
+    ((2.0, 5.0), (0,), 30.0)
+    """
     static = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
     if not static:
         return fn, tuple(args), params_argnums

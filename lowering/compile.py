@@ -168,7 +168,10 @@ def compile(fn_or_graph: Graph | Callable, *args, target: str | Target = "cpu", 
         if isinstance(fn_or_graph, Graph):
             raise TargetError("compile(mesh=...) shards a model: give the function and its arguments, "
                               "not a Graph")
-        lowered, graph = _sharded_lowering(fn_or_graph, args, available, mesh,
+        from graphopt.trace import drop_static
+
+        fn, args, params_argnums = drop_static(fn_or_graph, args, params_argnums, static_argnums)
+        lowered, graph = _sharded_lowering(fn, args, available, mesh,
                                            pipeline=for_backend(pipeline, target.platform),
                                            params_argnums=params_argnums, rules=rules, fsdp=fsdp)
     else:

@@ -227,6 +227,21 @@ def test_compile_with_a_mesh_reports_the_collectives(capsys, models):
     assert "(per device)" in out and out.rstrip().endswith("collectives: none")
 
 
+def test_compile_with_a_mesh_leaves_out_disabled_passes(capsys, models, monkeypatch):
+    import graphopt.lowering.compile as compiling
+
+    pipelines, real = [], compiling.compile
+    monkeypatch.setattr(compiling, "compile", lambda *a, pipeline, **k: (pipelines.append(pipeline),
+                                                                          real(*a, pipeline=pipeline, **k))[1])
+    code, _, err = run(capsys, "compile", f"{models['plain']}:f", *PLAIN_INPUTS, "--params-argnums", "1",
+                       "--mesh", "1x1", "--passes", "canonicalize,cse,dce", "--disable", "cse")
+    assert code == OK, err
+    assert [spec.name for spec in pipelines[0]] == ["canonicalize", "dce"]
+    code, _, err = run(capsys, "compile", f"{models['plain']}:f", *PLAIN_INPUTS, "--mesh", "1x1",
+                       "--disable", "no_such_pass")
+    assert code != OK and "cannot disable unknown pass(es) ['no_such_pass']" in err
+
+
 def test_bench_runs_the_checkouts_benchmark_suite(capsys):
     code, out, _ = run(capsys, "bench", "--help")
     assert code == OK and out.startswith("usage: graphopt bench") and "--quick" in out

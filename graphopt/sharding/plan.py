@@ -121,6 +121,16 @@ def _tensor_parallel(analysis: Analysis, args, m: int, specs, reasons, notes, ru
         if not holders or any(p in split for p, _ in holders):
             continue  # a parameter takes one split: the heads, not also the per-head features
         kind = "heads" if id(dim) in analysis.head_like else "features"
+        twice = sorted({p for p, _ in holders if sum(q == p for q, _ in holders) > 1})
+        if twice:  # one mesh axis splits at most one axis of a tensor
+            for path in twice:
+                axes = sorted(a for p, a in holders if p == path)
+                reasons[path] = (f"replicated over model: axes {axes} all hold one tensor-parallel dimension "
+                                 f"({dim.size} {kind}; a weight read by consecutive layers), and model can "
+                                 "split only one of them")
+            notes.append(f"tensor-parallel {kind} ({dim.size}) not split: {', '.join(twice)} hold(s) it on "
+                         "more than one axis")
+            continue
         ok = [(p, a) for p, a in holders if _divides(analysis, args[p], a, m)]
         if not ok and all(p in ruled for p, _ in holders):
             continue  # the user's rules decide for every parameter holding it

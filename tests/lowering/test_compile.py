@@ -53,6 +53,18 @@ def test_abstract_arguments_compile_without_arrays():
     assert program.memory.argument_bytes == (1024 + 8) * 1024 * 4
 
 
+def test_sharded_compile_binds_static_arguments():
+    def chain(w, steps, x):  # `steps` is a Python int: the loop unrolls
+        for _ in range(steps):
+            x = jnp.tanh(x @ w)
+        return x
+
+    w, x = jax.ShapeDtypeStruct((256, 256), jnp.float32), jax.ShapeDtypeStruct((8, 256), jnp.float32)
+    flops = {steps: graphopt.compile(chain, w, steps, x, params_argnums=0, static_argnums=1, target="cpu",
+                                     mesh="1x1").cost.flops for steps in (1, 3)}
+    assert flops[1] >= 2 * 8 * 256 * 256 and flops[3] == pytest.approx(3 * flops[1], rel=0.05)
+
+
 def test_load_rejects_a_folder_of_something_else(tmp_path):
     (tmp_path / "program.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(TargetError, match="does not hold a graphopt compiled program"):

@@ -48,3 +48,13 @@ def test_plan_table_lists_every_input_with_its_reason():
     assert table.splitlines()[0].startswith("sharding plan: mesh data=2 x model=4")
     assert "(·, model)" in table and "column-parallel" in table and "row-parallel" in table
     assert "batch (axis 0, 4) split over data" in table
+
+
+def test_a_weight_holding_one_dimension_on_two_axes_is_replicated_not_split_twice():
+    # x @ w @ w: w's output features are the next layer's input features, so both of w's axes hold
+    # the same tensor-parallel dimension; P('model', 'model') is not a sharding.
+    w, x = jax.ShapeDtypeStruct((16, 16), jnp.float32), jax.ShapeDtypeStruct((4, 16), jnp.float32)
+    plan = plan_model(lambda w, x: jnp.tanh(jnp.tanh(x @ w) @ w), w, x, mesh="1x4", params_argnums=0)
+    assert tuple(plan["w"]) == (None, None)
+    assert "axes [0, 1] all hold one tensor-parallel dimension" in plan.entry("w").reason
+    assert any("hold(s) it on more than one axis" in note for note in plan.notes)
