@@ -29,6 +29,7 @@ from graphopt.ir import Graph, gc_paused
 from graphopt.lowering import cache, program_cache
 from graphopt.lowering.emit import lower
 from graphopt.lowering.fingerprint import fingerprint
+from graphopt.param_prep import PreparedParams
 from graphopt.pipeline import PipelineSpec, resolve, run_pipeline
 from graphopt.trace import trace
 from graphopt.validate import Validator
@@ -84,7 +85,7 @@ class Optimized:
         self._examples: dict[Any, tuple] = {}   # signature -> abstract arguments, to rebuild a graph
         self._compiled: dict[Any, Callable] = {}
         self._programs: dict[Any, Any] = {}     # signature -> StoredProgram, or None: not cached
-        self._prepared: dict[Any, tuple] = {}  # (signature, prep) -> (param leaves, prepared params)
+        self._prepared = PreparedParams()  # fold_params' prep runs once per set of weights
         self._latest = None
         functools.update_wrapper(self, fn, updated=())
 
@@ -143,12 +144,12 @@ class Optimized:
             self._programs[key] = self._load_or_store(key, args, call_args)
         program = self._programs.get(key)
         if program is not None and not _tracing(leaves):
-            return program, self._prepare(key, program.prep, call_args)
+            return program, self._prepared.arguments(program.prep, call_args, key)
         compiled = self._compiled.get(key)
         if compiled is None:
             lowered = lower(self._graph_for(key, call_args, args))
             compiled = self._compiled[key] = jax.jit(lowered) if self.jit else lowered
-        return compiled, self._prepare(key, self._graphs[key].prep, call_args)
+        return compiled, self._prepared.arguments(self._graphs[key].prep, call_args, key)
 
     def _graph_for(self, key, call_args: tuple | None = None, args: tuple | None = None) -> Graph:
         """The optimized graph of signature `key`, built now if it is not built yet (from the
@@ -228,23 +229,6 @@ class Optimized:
             return Validator([] if tracing else [call_args])
         examples = [self._call_args(tuple(example)) for example in self.verify]
         return Validator([args for k, args in examples if k == key])
-
-    def _prepare(self, key, prep, args: tuple) -> tuple:
-        """Arguments for the optimized program. Parameter preprocessing (fold_params: `prep`, a
-        ParamPrep or its stored form) runs once per set of weights: it is redone only when the
-        parameter arrays are not the ones seen last."""
-        if prep is None:
-            return args
-        leaves = jax.tree_util.tree_leaves(args)
-        params = [leaves[i] for i in prep.param_leaf_indices]
-        cached = self._prepared.get((key, id(prep)))
-        if cached is not None and len(cached[0]) == len(params) and all(
-                a is b for a, b in zip(cached[0], params)):
-            prepared_params = cached[1]
-        else:
-            prepared_params = prep.params(*args)
-            self._prepared[(key, id(prep))] = (params, prepared_params)  # holds the leaves: ids stay unique
-        return prep.arguments(prepared_params, args)
 
 
 class _Graphs(Mapping):

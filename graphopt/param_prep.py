@@ -99,6 +99,42 @@ class ParamPrep:
         return replace_params(self.param_argnums, params, args)
 
 
+class PreparedParams:
+    """Prepared parameters remembered per prep (and caller's key) for the parameter arrays seen
+    last: the prep runs again only when a call brings other arrays. Arrays are compared by
+    identity, and only immutable ones (jax.Array) are remembered: a numpy array can be changed in
+    place between calls, so with numpy parameters the prep runs on every call.
+
+    >>> import graphopt, jax.numpy as jnp
+    >>> g = graphopt.run_pipeline(graphopt.trace(lambda w, x: x @ w.T, jnp.ones((2, 3)), jnp.ones(3),
+    ...                                          params_argnums=0), ["fold_params"]).graph
+    >>> cache, w, x = PreparedParams(), jnp.ones((2, 3)), jnp.ones(3)
+    >>> cache.arguments(g.prep, (w, x))[0] is cache.arguments(g.prep, (w, x))[0]
+    True
+    """
+
+    def __init__(self):
+        self._last: dict = {}  # (key, id(prep)) -> (prep, param leaves, prepared params)
+
+    def arguments(self, prep, args: tuple, key=None) -> tuple:
+        """`prep(*args)` (a ParamPrep or its stored form; None: `args` as they are), reusing the
+        prepared parameters when the parameter leaves are the same immutable arrays as last time."""
+        if prep is None:
+            return args
+        leaves = jax.tree_util.tree_leaves(args)
+        params = [leaves[i] for i in prep.param_leaf_indices]
+        last = self._last.get((key, id(prep)))
+        if last is not None and len(last[1]) == len(params) and all(a is b for a, b in zip(last[1], params)):
+            prepared = last[2]
+        else:
+            prepared = prep.params(*args)
+            if all(isinstance(a, jax.Array) for a in params):  # held: the ids stay unique
+                self._last[(key, id(prep))] = (prep, params, prepared)
+            else:
+                self._last.pop((key, id(prep)), None)
+        return prep.arguments(prepared, args)
+
+
 def replace_params(param_argnums: tuple, params: dict, args: tuple) -> tuple:
     """`args` with the parameter arguments (`param_argnums`) replaced by one `params` dict."""
     first = param_argnums[0]

@@ -41,7 +41,7 @@ from graphopt.ir import Graph
 from graphopt.lowering.emit import lower, target_backend
 from graphopt.lowering.export import input_specs
 from graphopt.lowering.target import Target, devices, parse_target
-from graphopt.param_prep import prepare
+from graphopt.param_prep import PreparedParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,7 @@ class CompiledProgram:
     hlo: str
     _compiled: Any = dataclasses.field(repr=False)
     sharded: bool = False  # compiled with a mesh: takes the model's arguments as `graphopt.shard` places them
+    _prepared: PreparedParams = dataclasses.field(default_factory=PreparedParams, repr=False, compare=False)
 
     def serialize(self) -> bytes:
         """The executable as bytes (PjRt's serialized format, loadable by a PjRt client of the
@@ -92,7 +93,7 @@ class CompiledProgram:
 
     def __call__(self, *args):
         """Run on this machine; takes the traced model's arguments (parameters are prepared
-        by the pipeline's parameter folding as `graphopt.optimize` does)."""
+        by the pipeline's parameter folding as `graphopt.optimize` does: once per set of weights)."""
         if self.target.compile_only:
             raise TargetError(f"this executable was compiled for {self.target}, which is not on this "
                               "machine: save() it and load it on a host of that kind, or compile "
@@ -100,7 +101,7 @@ class CompiledProgram:
         if self.sharded:
             raise TargetError("a program compiled with a mesh takes placed arguments: run the model with "
                               "graphopt.shard(...) instead, which places them")
-        return self._compiled(*prepare(self.graph, *args))
+        return self._compiled(*self._prepared.arguments(self.graph.prep, args))
 
     def save(self, folder: str | os.PathLike) -> pathlib.Path:
         """Write `executable.bin`, `module.stablehlo.mlir`, `module.hlo.txt` and `program.json`
