@@ -129,7 +129,7 @@ def leaf_mismatch(actual: np.ndarray, expected: np.ndarray, rtol=None, atol=None
             # which NaN an operation produces, only that it is a NaN.
             bad |= ~(a_nan & e_nan) & (_bits(a) != _bits(e))
         else:
-            bad |= finite & ~(err <= atol + rtol * np.abs(e64))
+            bad |= finite & ~(err <= atol + rtol * np.abs(np.where(finite, e64, 0.0)))  # no 0 × ∞
             if signed_zeros:
                 bad |= (a64 == 0) & (e64 == 0) & (np.signbit(a64) != np.signbit(e64))
         err = np.where(a_nan & e_nan, 0.0, err)

@@ -2,6 +2,7 @@
 
 import math
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,13 @@ def test_infinities_must_match_in_sign():
     fails(np.array([inf], F32), np.array([3e38], F32), rtol=1.0, atol=1e39)
     fails(np.array([-1e38], F32), np.array([-inf], F32), rtol=1.0, atol=1e39)
     assert_equivalent(np.array([-inf, inf], F32), np.array([-inf, inf], F32), exact=True)
+
+
+def test_zero_relative_tolerance_with_infinities_warns_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0 × ∞ in the tolerance would be a RuntimeWarning
+        assert_equivalent(np.array([inf, 1.0], F32), np.array([inf, 1.0], F32), rtol=0.0, atol=0.0)
+        fails(np.array([inf, 1.0], F32), np.array([inf, 2.0], F32), rtol=0.0, atol=0.5)
 
 
 def test_exact_compares_bits():
