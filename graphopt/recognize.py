@@ -238,6 +238,13 @@ def constant_array(value: Value, max_elements: int = MAX_EVAL_ELEMENTS) -> np.nd
     return np.asarray(_evaluate(value, memo))
 
 
+def constant_only(value: Value, max_elements: float = MAX_EVAL_ELEMENTS) -> bool:
+    """Whether `value` is computed from constants only, by at most MAX_CONSTANT_NODES plain
+    primitives (no graph input, effects or regions) whose results have at most `max_elements`
+    elements each: what `constant_array` evaluates."""
+    return _constant_only(value, {}, max_elements)
+
+
 def evaluate_slice(inputs, arrays, outputs) -> list[np.ndarray] | None:
     """Evaluate `outputs` with `inputs` bound to `arrays` (eagerly, with the graph's primitives),
     or None if the slice between them reads another graph input, has effects or regions."""

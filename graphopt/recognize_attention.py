@@ -26,7 +26,9 @@ bring them to the scores' layout move into the decomposition, after a check that
 on a random array and compares with numpy broadcasting to [B,N,T,S] (scores past 16M elements:
 only an operand already in the scores' layout). A mask computed from constants only (tril,
 iotas) is evaluated: the causal one (keep s <= t) gives is_causal=True, an all-true one nothing,
-another one is a mask operand; `and(mask, causal)` gives both.
+another one is a mask operand; `and(mask, causal)` gives both. A mask too large to evaluate here
+(a long sequence's tril, 67M elements at 8192 tokens) is compared with the causal pattern by XLA,
+in one compiled program that materializes neither.
 
 Example:
     >>> import graphopt, jax, jax.numpy as jnp
@@ -50,7 +52,7 @@ from graphopt.errors import GraphError
 from graphopt.ir import Graph, Node, Value
 from graphopt.nn_ops import COMPOSITE_OPS, attention_node
 from graphopt.outline import OutlineError, outline_into, outline_slice
-from graphopt.recognize import constant_array, evaluate_slice
+from graphopt.recognize import constant_array, constant_only, evaluate_slice
 
 LAYOUTS = {"BTNH": (("B", "T", "N", "H"), ("B", "S", "K", "H")),
            "BNTH": (("B", "N", "T", "H"), ("B", "K", "S", "H"))}
@@ -358,6 +360,8 @@ def _mask_operand(pred: Value, labels, sizes, constants=None):
     """(mask operand or None, is_causal) for a select's predicate, or None if not recognized."""
     keep = _constant(pred, constants)
     if keep is None:
+        if _causal_constant(pred, labels, sizes, constants):  # too large to evaluate here
+            return (None, True)
         mask = _user_operand(pred, labels, sizes)
         if mask is None and pred.node is not None and pred.node.op.name == "and":
             # jax.nn.dot_product_attention(mask=m, is_causal=True): and(m, causal)
@@ -387,13 +391,16 @@ def _constant(value: Value, constants: dict | None):
 
 
 def _causal_constant(value: Value, labels, sizes, constants: dict | None) -> bool:
-    """_is_causal of value's constant array, memoized in `constants` when given."""
-    if constants is None:
-        return _is_causal(constant_array(value), labels, sizes)
+    """Whether value is a constant mask keeping s <= t (as nn_ops' causal); memoized in
+    `constants` when given."""
     key = ("causal", id(value), labels, tuple(sizes.items()))
-    found = constants.get(key)
+    found = None if constants is None else constants.get(key)
     if found is None:
-        found = constants[key] = (value, _is_causal(_constant(value, constants), labels, sizes))
+        keep = _constant(value, constants)
+        found = (value, _is_causal(keep, labels, sizes) if keep is not None
+                 else _is_large_causal(value, labels, sizes))
+        if constants is not None:
+            constants[key] = found
     return found[1]
 
 
@@ -401,17 +408,62 @@ def _is_causal(keep, labels, sizes) -> bool:
     """Whether `keep` (a constant mask, None if not constant) keeps s <= t, as nn_ops' causal.
     Compared at keep's own shape (broadcast against the T and S axes only), never at the size
     of the scores."""
-    if keep is None or keep.ndim > len(labels):
+    shapes = None if keep is None else _causal_shapes(keep.shape, labels, sizes)
+    if shapes is None:
         return False
-    keep = keep.reshape((1,) * (len(labels) - keep.ndim) + keep.shape)
-    layout = _layout_shape(labels, sizes)
-    if any(d not in (1, n) for d, n in zip(keep.shape, layout)):
-        return False
-    t_shape = [sizes["T"] if a == "T" else 1 for a in labels]
-    s_shape = [sizes["S"] if a == "S" else 1 for a in labels]
+    shape, t_shape, s_shape = shapes
     causal = np.arange(sizes["S"]).reshape(s_shape) <= np.arange(sizes["T"]).reshape(t_shape)
+    keep = keep.reshape(shape)
     shape = np.broadcast_shapes(keep.shape, causal.shape)
     return bool(np.array_equal(np.broadcast_to(keep, shape), np.broadcast_to(causal, shape)))
+
+
+def _is_large_causal(value: Value, labels, sizes) -> bool:
+    """_is_causal for a constant-only mask too large to evaluate here (the causal mask of a long
+    sequence, which fold_constants keeps lazy as iotas and a comparison): one program compiled
+    for this machine's CPU computes it and compares it with s <= t; XLA fuses both into the
+    reduction, so neither is materialized."""
+    import jax
+    import jax.numpy as jnp
+
+    from graphopt import _jax_compat as compat
+    from graphopt.ops import CONSTANT
+
+    shapes = _causal_shapes(value.type.shape, labels, sizes)
+    if shapes is None or value.type.dtype != np.bool_ or not constant_only(value, max_elements=float("inf")):
+        return False
+    shape, t_shape, s_shape = shapes
+
+    def check():
+        results: dict = {}
+
+        def compute(v):
+            node = v.node
+            if id(node) not in results:
+                results[id(node)] = ([compat.make_constant(**node.params)] if node.op is CONSTANT else
+                                     compat.bind(node.op.primitive, [compute(x) for x in node.inputs],
+                                                 node.params))
+            return results[id(node)][v.index]
+
+        causal = jnp.arange(sizes["S"]).reshape(s_shape) <= jnp.arange(sizes["T"]).reshape(t_shape)
+        return jnp.all(compute(value).reshape(shape) == causal)
+
+    # Compiled and run now, also when the pass runs under a trace (`@optimize` inside jax.jit).
+    cpu = jax.local_devices(backend="cpu")[0]
+    with jax.default_device(cpu):
+        return bool(jax.jit(check).lower().compile()())
+
+
+def _causal_shapes(keep_shape, labels, sizes):
+    """(keep's shape at the scores' rank, T's and S's broadcast shapes), or None if a mask of
+    `keep_shape` cannot line up with the scores' layout."""
+    if len(keep_shape) > len(labels):
+        return None
+    shape = (1,) * (len(labels) - len(keep_shape)) + tuple(keep_shape)
+    if any(d not in (1, n) for d, n in zip(shape, _layout_shape(labels, sizes))):
+        return None
+    return (shape, [sizes["T"] if a == "T" else 1 for a in labels],
+            [sizes["S"] if a == "S" else 1 for a in labels])
 
 
 def _through(value: Value, ops) -> Value:

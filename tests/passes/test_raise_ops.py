@@ -313,6 +313,30 @@ def test_constant_non_causal_mask_is_a_mask_operand():
     assert only(graph, "attention").inputs[3].type.shape == (T, T)
 
 
+@pytest.mark.parametrize("k, causal", [(0, True), (-1, False), (1, False)])
+def test_masks_too_large_to_evaluate_here_are_checked_by_xla(monkeypatch, k, causal):
+    # Past recognize's evaluation limit (here 16 elements), the mask's constant expression is
+    # compared with the causal pattern in one program compiled for the CPU.
+    import graphopt.recognize as recognize
+    import graphopt.recognize_attention as recognize_attention
+
+    monkeypatch.setattr(recognize_attention, "constant_array", lambda v: recognize.constant_array(v, 16))
+    mask = lambda: jnp.tril(jnp.ones((T, T), bool), k)
+    graph, _ = raised(lambda q, k, v: einsum_attention(q, k, v, mask()), Q, KV, KV)
+    p = attention_params(graph)
+    assert (p["is_causal"], p["has_mask"]) == (causal, not causal)
+
+
+def test_the_causal_mask_of_a_long_sequence_is_not_an_operand():
+    # tril(ones(8192, 8192)) has 67M elements, past what recognition evaluates with numpy; were
+    # it an operand, it would be materialized at the scores' size (bool[1,2,8192,8192]).
+    x = jax.ShapeDtypeStruct((1, 8192, 2, 8), jnp.float32)
+    graph = graphopt.trace(lambda q, k, v: einsum_attention(q, k, v, jnp.tril(jnp.ones((8192, 8192), bool))),
+                           x, x, x)
+    graph = run_pipeline(graph, ["canonicalize", "fold_constants", "cse", "raise_ops"]).graph
+    assert attention_params(graph)["is_causal"] and not attention_params(graph)["has_mask"]
+
+
 def test_einsum_attention_with_additive_mask_is_bias():
     bias = np.where(CAUSAL, 0.0, -1e9).astype(np.float32)[None, None]
     graph, _ = raised(lambda q, k, v, b: einsum_attention(q, k, v, bias=b), Q, KV, KV, bias)
