@@ -109,7 +109,9 @@ def fuse_attention(graph, ctx, *, backend: str | None = None, measure: bool = Tr
 
 def _key(node, backend: str) -> tuple:
     params = {k: v for k, v in node.params.items() if k != "implementation"}
-    ops = tuple(n.op.name for r in node.regions for n in r.walk())
+    # The decomposition's ops, counted: outlining lists a mask shared between layers first in
+    # the regions it is copied into and in program order in the last one, which it moves into.
+    ops = tuple(sorted(Counter(n.op.name for r in node.regions for n in r.walk()).items()))
     return (backend, tuple(node.input_types), params_key(params), ops)
 
 

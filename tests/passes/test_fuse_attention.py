@@ -63,6 +63,25 @@ class FakeTimer:
         return {name: self.times[name] for name in names}
 
 
+def test_layers_sharing_one_mask_are_measured_once():
+    # After cse both layers read one causal mask; outlining copies it into the first layer's
+    # decomposition (the second still reads it) and moves it into the last one's, so the two
+    # regions list the same ops in another order. Same attention: one measurement.
+    def two_layers(x):
+        for _ in range(2):
+            s = jnp.einsum("btnh,bsnh->bnts", x, x) / 8.0
+            s = jnp.where(jnp.tril(jnp.ones((6, 6), bool)), s, -1e9)
+            x = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), x)
+        return x
+
+    g = graphopt.trace(two_layers, jnp.ones((1, 6, 2, 8)))
+    g = run_pipeline(g, ["canonicalize", "cse", "raise_ops"]).graph
+    assert len([n for n in g.nodes if n.op.name == "attention"]) == 2
+    timer = FakeTimer({None: 1.0, "xla": 0.5})
+    g, record = run_pass(g, timer=timer)
+    assert timer.calls == [None, "xla"] and implementations_of(g) == ["xla", "xla"]
+
+
 @pytest.mark.parametrize("xla_time, expected", [
     (0.5, "xla"),    # clearly faster: taken
     (0.97, None),    # within the 5% margin: noise, the decomposition stays
