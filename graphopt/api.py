@@ -184,7 +184,8 @@ class Optimized:
         if fp is None:
             cache.count("program_skipped")
             return None
-        folder = cache.settings().programs_dir
+        current = cache.settings()
+        folder = current.programs_dir
         program = program_cache.load(folder, fp)
         if program is not None:
             cache.count("program_hits")
@@ -195,7 +196,7 @@ class Optimized:
         try:
             data = program_cache.build_entry(graph, fp)
             program = program_cache.parse(data, fp)  # run what the next process will load
-            program_cache.write(folder, fp, data)
+            program_cache.write(folder, fp, data, max_bytes=current.max_bytes)
         except Exception as err:  # noqa: BLE001  (not exportable, disk full: run uncached)
             cache.logger.debug("program cache: not storing %s (%s: %s)", fp.key, type(err).__name__, err)
             cache.count("program_skipped")

@@ -8,7 +8,9 @@ Both live under one folder, `$GRAPHOPT_CACHE_DIR`, else `~/.cache/graphopt`:
                 Graph, the passes and the lowering, and its XLA compile hits xla/
 
 Both are on by default. `GRAPHOPT_CACHE=0` (or `configure(enabled=False)`) turns both off;
-`configure(path=...)` moves them. Importing graphopt changes nothing in JAX's configuration: the
+`configure(path=...)` moves them. Each folder is kept under `GRAPHOPT_CACHE_MAX_BYTES` (default
+2 GiB; `configure(max_bytes=...)`): storing a program evicts the least recently used ones, and
+JAX evicts its own executables (`jax_compilation_cache_max_size`). Importing graphopt changes nothing in JAX's configuration: the
 compilation cache is turned on when graphopt first builds a program, with thresholds that cache
 small programs too. A `jax_compilation_cache_dir` the user set (flag, `JAX_COMPILATION_CACHE_DIR`
 or `jax.config.update`) is respected: graphopt then uses it as it is, thresholds included.
@@ -38,8 +40,9 @@ from graphopt import _jax_compat
 
 logger = logging.getLogger("graphopt.cache")
 
+DEFAULT_MAX_BYTES = 2 << 30
 _UNSET = object()
-_overrides: dict = {}           # from configure(): "path", "enabled"
+_overrides: dict = {}           # from configure(): "path", "enabled", "max_bytes"
 _lock = threading.Lock()
 _owned_dir: str | None = None   # the jax_compilation_cache_dir graphopt set, if it set one
 _listening = False
@@ -52,6 +55,7 @@ class Settings:
 
     enabled: bool
     path: pathlib.Path
+    max_bytes: int = DEFAULT_MAX_BYTES  # per folder
 
     @property
     def programs_dir(self) -> pathlib.Path:
@@ -69,23 +73,35 @@ def settings() -> Settings:
         enabled = os.environ.get("GRAPHOPT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
     path = _overrides.get("path") or os.environ.get("GRAPHOPT_CACHE_DIR") or \
         os.path.join(os.path.expanduser("~"), ".cache", "graphopt")
-    return Settings(bool(enabled), pathlib.Path(path))
+    max_bytes = _overrides.get("max_bytes")
+    if max_bytes is None:
+        text = os.environ.get("GRAPHOPT_CACHE_MAX_BYTES", "").strip()
+        try:
+            max_bytes = int(text) if text else DEFAULT_MAX_BYTES
+        except ValueError:
+            raise ValueError(f"GRAPHOPT_CACHE_MAX_BYTES={text!r} is not a whole number of bytes "
+                             f"(e.g. {DEFAULT_MAX_BYTES} for 2 GiB)") from None
+    return Settings(bool(enabled), pathlib.Path(path), max_bytes)
 
 
-def configure(path=_UNSET, enabled=_UNSET) -> Settings:
-    """Move (`path`) or turn on and off (`enabled`) both caches for this process; None goes back to
-    the environment (`GRAPHOPT_CACHE_DIR`, `GRAPHOPT_CACHE`). Returns the new settings.
+def configure(path=_UNSET, enabled=_UNSET, max_bytes=_UNSET) -> Settings:
+    """Move (`path`), turn on and off (`enabled`) or bound (`max_bytes` per folder) both caches
+    for this process; None goes back to the environment (`GRAPHOPT_CACHE_DIR`, `GRAPHOPT_CACHE`,
+    `GRAPHOPT_CACHE_MAX_BYTES`). Returns the new settings.
 
     Takes effect at the next build. Turning the caches off, or moving them, also detaches JAX's
     compilation cache if graphopt had attached it (a folder the user set is never touched).
     """
     with _lock:
-        for name, value in (("path", path), ("enabled", enabled)):
+        if max_bytes is not _UNSET and max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+            raise ValueError(f"max_bytes={max_bytes!r}: give a whole number of bytes, 0 or more")
+        for name, value, kind in (("path", path, str), ("enabled", enabled, bool), ("max_bytes", max_bytes, int)):
             if value is not _UNSET:
-                _overrides[name] = None if value is None else (str(value) if name == "path" else bool(value))
+                _overrides[name] = None if value is None else kind(value)
         current = settings()
-        if _owned_dir is not None and (not current.enabled or _owned_dir != str(current.xla_dir)):
-            _detach()
+        if _owned_dir is not None and (not current.enabled or _owned_dir != str(current.xla_dir)
+                                       or _xla_cache_bound() != current.max_bytes):
+            _detach()  # the next build attaches it again, as now configured
     return current
 
 
@@ -116,6 +132,7 @@ def enable_compilation_cache() -> str | None:
             # graphopt's programs are often small and quick to compile; cache them all.
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+            _bound_xla_cache(current.max_bytes)
             _jax_compat.reset_compilation_cache()  # a cache JAX opened earlier would keep its folder
             _owned_dir = wanted
             logger.debug("JAX persistent compilation cache at %s", wanted)
@@ -137,9 +154,23 @@ def count(name: str) -> None:
     _stats[name] += 1
 
 
+def _bound_xla_cache(max_bytes: int) -> None:
+    """JAX's own least-recently-used eviction of the compilation cache graphopt sets up (-1:
+    unbounded, JAX's default)."""
+    try:
+        jax.config.update("jax_compilation_cache_max_size", max_bytes)
+    except (AttributeError, KeyError):  # a JAX without the option: unbounded
+        logger.debug("this JAX cannot bound its compilation cache")
+
+
+def _xla_cache_bound():
+    return getattr(jax.config, "jax_compilation_cache_max_size", None)
+
+
 def _detach() -> None:
     global _owned_dir
     jax.config.update("jax_compilation_cache_dir", None)
+    _bound_xla_cache(-1)
     _jax_compat.reset_compilation_cache()
     logger.debug("JAX persistent compilation cache at %s detached", _owned_dir)
     _owned_dir = None

@@ -83,8 +83,9 @@ def build_entry(graph: Graph, fp: Fingerprint) -> bytes:
     return b"".join([MAGIC, len(text).to_bytes(8, "little"), text, *map(bytes, blobs.values())])
 
 
-def write(folder: pathlib.Path, fp: Fingerprint, data: bytes) -> pathlib.Path:
-    """Store an entry atomically: a temporary file in the same folder, renamed into place."""
+def write(folder: pathlib.Path, fp: Fingerprint, data: bytes, max_bytes: int | None = None) -> pathlib.Path:
+    """Store an entry atomically: a temporary file in the same folder, renamed into place. With
+    `max_bytes`, then evict the least recently used other entries past that total (`evict`)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (fp.key + SUFFIX)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=SUFFIX)
@@ -96,7 +97,46 @@ def write(folder: pathlib.Path, fp: Fingerprint, data: bytes) -> pathlib.Path:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+    if max_bytes is not None:
+        evict(folder, max_bytes, keep=path)
     return path
+
+
+def evict(folder: pathlib.Path, max_bytes: int, keep: pathlib.Path | None = None) -> list[pathlib.Path]:
+    """Delete the least recently used entries (by modification time: `load` touches an entry it
+    uses) until the folder's entries total at most `max_bytes`; `keep` is never deleted.
+    Returns the deleted paths. Entries another process deletes meanwhile are skipped.
+
+    >>> import pathlib, tempfile, os
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> for i, name in enumerate("abc"):
+    ...     (folder / f"{name}.gop").write_bytes(b"x" * 100)
+    ...     os.utime(folder / f"{name}.gop", (i, i))
+    >>> [p.name for p in evict(folder, 250)], sorted(p.name for p in folder.iterdir())
+    (['a.gop'], ['b.gop', 'c.gop'])
+    """
+    entries = []
+    for path in folder.glob("*" + SUFFIX):
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        entries.append((info.st_mtime, info.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    deleted = []
+    for _, size, path in sorted(entries, key=lambda e: e[:1]):  # oldest first
+        if total <= max_bytes:
+            break
+        if keep is not None and path == keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        deleted.append(path)
+        logger.debug("program cache: evicted %s (%d bytes) to stay under %d bytes", path, size, max_bytes)
+    return deleted
 
 
 def load(folder: pathlib.Path, fp: Fingerprint) -> "StoredProgram | None":
@@ -110,7 +150,7 @@ def load(folder: pathlib.Path, fp: Fingerprint) -> "StoredProgram | None":
         logger.debug("program cache: cannot read %s (%s)", path, err)
         return None
     try:
-        return parse(data, fp)
+        program = parse(data, fp)
     except Exception as err:  # noqa: BLE001  (any failure to load means: rebuild)
         logger.debug("program cache: entry %s is unusable (%s: %s); deleted, rebuilding",
                      path, type(err).__name__, err)
@@ -122,6 +162,11 @@ def load(folder: pathlib.Path, fp: Fingerprint) -> "StoredProgram | None":
         except OSError:
             pass
         return None
+    try:
+        os.utime(path)  # recently used: evicted last
+    except OSError:
+        pass
+    return program
 
 
 def parse(data: bytes, fp: Fingerprint) -> "StoredProgram":

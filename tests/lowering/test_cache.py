@@ -94,7 +94,7 @@ def cache_dir(tmp_path):
     """The caches under tmp_path for this test; the environment's settings again afterwards."""
     settings = cache.configure(path=tmp_path / "cache", enabled=True)
     yield settings
-    cache.configure(path=None, enabled=None)
+    cache.configure(path=None, enabled=None, max_bytes=None)
 
 
 def _mlp(w, x):
@@ -147,6 +147,35 @@ def test_stale_versions_miss_and_a_foreign_entry_is_deleted(cache_dir, monkeypat
     for data in (b"not an entry", program_cache.build_entry(graph, dataclasses.replace(fp, key="0" * 64))):
         path.write_bytes(data)
         assert program_cache.load(cache_dir.programs_dir, fp) is None and not path.exists()
+
+
+def test_the_caches_stay_under_their_size_bound(cache_dir):
+    w, x = _args()
+    graphopt.optimize(_mlp, params_argnums=0)(w, x)
+    (first,) = cache_dir.programs_dir.glob("*.gop")
+    bound = first.stat().st_size * 3 // 2  # room for one entry
+    assert cache.configure(max_bytes=bound).max_bytes == bound
+    os.utime(first, (0, 0))  # long unused
+    before = cache.stats()["program_hits"]
+    graphopt.optimize(_mlp, params_argnums=0)(w, x)  # a hit marks the entry as used now
+    assert cache.stats()["program_hits"] == before + 1 and first.stat().st_mtime > 0
+    os.utime(first, (0, 0))
+    graphopt.optimize(lambda w, x: _mlp(w, x) + 1, params_argnums=0)(w, x)
+    (kept,) = cache_dir.programs_dir.glob("*.gop")
+    assert kept != first  # the least recently used entry went
+    assert jax.config.jax_compilation_cache_max_size == bound  # JAX evicts its executables too
+    cache.configure(max_bytes=None)
+    graphopt.optimize(_mlp, params_argnums=0)(w, x)
+    assert len(list(cache_dir.programs_dir.glob("*.gop"))) == 2
+    assert jax.config.jax_compilation_cache_max_size == cache.DEFAULT_MAX_BYTES
+
+
+def test_a_bad_size_bound_is_named(cache_dir, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_CACHE_MAX_BYTES", "2GB")
+    with pytest.raises(ValueError, match="GRAPHOPT_CACHE_MAX_BYTES='2GB' is not a whole number of bytes"):
+        cache.settings()
+    with pytest.raises(ValueError, match="max_bytes=-1"):
+        cache.configure(max_bytes=-1)
 
 
 def test_switches_turn_the_caches_off(cache_dir, monkeypatch):
