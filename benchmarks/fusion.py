@@ -32,8 +32,9 @@ import json
 import math
 import os
 import platform
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -42,10 +43,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-import graphopt
-from graphopt.lowering.compile import memory_analysis
-from graphopt.pipeline import PIPELINES, run_pipeline
-from graphopt.validate import relative_error
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import graphopt  # noqa: E402
+from graphopt.lowering.compile import memory_analysis  # noqa: E402
+from graphopt.pipeline import PIPELINES, run_pipeline  # noqa: E402
+from graphopt.validate import relative_error  # noqa: E402
+from measure import interleaved  # noqa: E402
 
 
 # --- decoder transformer -------------------------------------------------------------------------
@@ -145,19 +148,11 @@ def compare(name, fn, args, pipeline, repeats) -> dict:
     opt_args = graphopt.prepare(graph, *args)
     base = jax.jit(fn).lower(*args).compile()
     opt = jax.jit(graphopt.lower(graph)).lower(*opt_args).compile()
-    runs = {"base": lambda: jax.block_until_ready(base(*args)),
-            "opt": lambda: jax.block_until_ready(opt(*opt_args))}
-    error = relative_error(np.asarray(runs["opt"]()), np.asarray(runs["base"]()))
-    times = {"base": [], "opt": []}
-    for i in range(repeats):
-        for which in (("base", "opt") if i % 2 == 0 else ("opt", "base")):
-            start = time.perf_counter()
-            runs[which]()
-            times[which].append(time.perf_counter() - start)
-    ratios = [o / b for o, b in zip(times["opt"], times["base"])]
-    return {"model": name, **info, "error": error, "base_ms": 1e3 * statistics.median(times["base"]),
-            "opt_ms": 1e3 * statistics.median(times["opt"]), "ratio": statistics.median(ratios),
-            "ratio_p10": float(np.percentile(ratios, 10)), "ratio_p90": float(np.percentile(ratios, 90)),
+    error = relative_error(np.asarray(opt(*opt_args)), np.asarray(base(*args)))  # also the warm-up
+    timing = interleaved(lambda: opt(*opt_args), lambda: base(*args), repeats, warmup=0)
+    return {"model": name, **info, "error": error, "base_ms": timing["baseline_ms"]["median"],
+            "opt_ms": timing["latency_ms"]["median"], "ratio": timing["ratio"]["median"],
+            "ratio_p10": timing["ratio"]["p10"], "ratio_p90": timing["ratio"]["p90"],
             "base_peak": memory_analysis(base).peak_bytes, "opt_peak": memory_analysis(opt).peak_bytes}
 
 

@@ -1,6 +1,7 @@
 """What the benchmarks share: timing against a baseline, machine facts, and printing tables.
 
-    speed_ratio(fn, baseline, repeats)   median and p10–p90 of fn time / baseline time, interleaved pairs
+    interleaved(fn, baseline, repeats)   latencies and fn / baseline ratios over interleaved pairs
+    speed_ratio(fn, baseline, repeats)   the same, flat: median and p10–p90 of the ratio
     machine_info()                        backend, device, JAX and Python versions, git revision, date
     print_tables(tables, line, markdown)  rich tables on the terminal, and markdown for RESULTS.md
 """
@@ -21,23 +22,38 @@ from rich.table import Table
 
 # --- timing --------------------------------------------------------------------------------------
 
-def speed_ratio(fn, baseline, repeats: int) -> dict:
-    """Median and p10–p90 of fn time / baseline time over interleaved pairs (each call blocked on)."""
-    for f in (fn, baseline):
-        jax.block_until_ready(f())
-    ratios, times = [], []
+def interleaved(fn, baseline, repeats: int, warmup: int = 2) -> dict:
+    """Latency of fn and baseline (ms: median, p10, p90) over `repeats` interleaved pairs,
+    alternating which goes first, each call blocked on, and the per-pair ratio fn / baseline."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+        jax.block_until_ready(baseline())
+    mine, base = [], []
     for i in range(repeats):
-        pair = []
-        for f in ((fn, baseline) if i % 2 == 0 else (baseline, fn)):
+        for f, times in ((fn, mine), (baseline, base)) if i % 2 == 0 else ((baseline, base), (fn, mine)):
             start = time.perf_counter()
             jax.block_until_ready(f())
-            pair.append(time.perf_counter() - start)
-        mine, base = pair if i % 2 == 0 else pair[::-1]
-        ratios.append(mine / base)
-        times.append((mine, base))
-    q = statistics.quantiles(ratios, n=10)
-    return {"ratio": statistics.median(ratios), "p10": q[0], "p90": q[-1],
-            "ms": statistics.median(t[0] for t in times) * 1e3, "baseline_ms": statistics.median(t[1] for t in times) * 1e3}
+            times.append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(mine, base)]
+    return {"latency_ms": spread(mine, 1e3), "baseline_ms": spread(base, 1e3), "ratio": spread(ratios)}
+
+
+def spread(values, scale: float = 1.0) -> dict:
+    """Median, p10 and p90 of `values` (times `scale`); one value is all three.
+
+    >>> spread([1.0, 2.0, 3.0, 4.0, 5.0])
+    {'median': 3.0, 'p10': 1.4, 'p90': 4.6}
+    """
+    q = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else [values[0]] * 9
+    return {"median": statistics.median(values) * scale, "p10": q[0] * scale, "p90": q[-1] * scale}
+
+
+def speed_ratio(fn, baseline, repeats: int) -> dict:
+    """`interleaved`'s ratio (median, p10, p90) and median latencies, flat."""
+    timing = interleaved(fn, baseline, repeats, warmup=1)
+    ratio = timing["ratio"]
+    return {"ratio": ratio["median"], "p10": ratio["p10"], "p90": ratio["p90"],
+            "ms": timing["latency_ms"]["median"], "baseline_ms": timing["baseline_ms"]["median"]}
 
 
 def nbytes(tree) -> int:

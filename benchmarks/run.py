@@ -38,7 +38,6 @@ import argparse
 import datetime
 import importlib
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -55,7 +54,7 @@ from graphopt.lowering.compile import memory_analysis  # noqa: E402
 from graphopt.pipeline import PASSES, resolve  # noqa: E402
 from graphopt.validate import relative_error  # noqa: E402
 from graphopt.testing import leaf_mismatch  # noqa: E402
-from measure import machine_info, nbytes  # noqa: E402
+from measure import interleaved, machine_info, nbytes  # noqa: E402
 import run_report  # noqa: E402
 from zoo import MODELS  # noqa: E402
 
@@ -131,27 +130,6 @@ def build_variant(model, pipeline: str, prune_multiple, quick: bool = False) -> 
 
 
 # --- measuring -----------------------------------------------------------------------------------
-
-def interleaved(fn, baseline, repeats: int, warmup: int = 2) -> dict:
-    """Latency of fn and baseline (ms: median, p10, p90) over `repeats` interleaved pairs, and the
-    per-pair ratio fn / baseline (median, p10, p90)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-        jax.block_until_ready(baseline())
-    mine, base = [], []
-    for i in range(repeats):
-        for f, times in ((fn, mine), (baseline, base)) if i % 2 == 0 else ((baseline, base), (fn, mine)):
-            start = time.perf_counter()
-            jax.block_until_ready(f())
-            times.append(time.perf_counter() - start)
-    ratios = [a / b for a, b in zip(mine, base)]
-    return {"latency_ms": _spread(mine, 1e3), "baseline_ms": _spread(base, 1e3), "ratio": _spread(ratios, 1)}
-
-
-def _spread(values, scale) -> dict:
-    q = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else [values[0]] * 9
-    return {"median": statistics.median(values) * scale, "p10": q[0] * scale, "p90": q[-1] * scale}
-
 
 def peak_bytes(compiled) -> int | None:
     """arguments + outputs + temporaries − aliased bytes of a compiled program (None if unknown)."""
