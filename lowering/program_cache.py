@@ -110,7 +110,7 @@ def evict(folder: pathlib.Path, max_bytes: int, keep: pathlib.Path | None = None
     >>> import pathlib, tempfile, os
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> for i, name in enumerate("abc"):
-    ...     (folder / f"{name}.gop").write_bytes(b"x" * 100)
+    ...     _ = (folder / f"{name}.gop").write_bytes(b"x" * 100)
     ...     os.utime(folder / f"{name}.gop", (i, i))
     >>> [p.name for p in evict(folder, 250)], sorted(p.name for p in folder.iterdir())
     (['a.gop'], ['b.gop', 'c.gop'])
