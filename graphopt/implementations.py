@@ -10,12 +10,13 @@ and a pass only *names* a kernel; the lowering runs it.
 
     key (op, implementation, backend)      backend None: any backend
     ("attention", "xla", None)             jax.nn.dot_product_attention(implementation="xla")
+    ("attention", "chunked", None)         key blocks with an online softmax (lowering/chunked_attention.py)
     ("attention", "cudnn", "gpu")          ... implementation="cudnn"
     (op, "default", backend)               a non-composite op's kernel (lowering.emit.register_kernel)
 
 Example:
     >>> [k.implementation for k in available("attention", "cpu")]
-    ['xla']
+    ['chunked', 'xla']
     >>> find("attention", "cudnn", "cpu") is None, find("attention", "cudnn", "gpu") is not None
     (True, True)
 """
@@ -62,7 +63,8 @@ def register(op: str, implementation: str, backend: str | None = None, *, suppor
 
 
 def _load_builtin_kernels() -> None:
-    import graphopt.lowering.kernels  # noqa: F401  (registers the built-in kernels)
+    import graphopt.lowering.chunked_attention  # noqa: F401  (registers the built-in kernels)
+    import graphopt.lowering.kernels  # noqa: F401
     import graphopt.lowering.quant_kernels  # noqa: F401
 
 

@@ -5,6 +5,7 @@
                                cpu      the same, f32 only (XLA:CPU lacks the bf16/f16 dot algorithms)
     attention  "cudnn"         gpu      jax.nn.dot_product_attention(implementation="cudnn")
     attention  "pallas_flash"  tpu      jax.experimental.pallas.ops.tpu.flash_attention (if importable)
+    attention  "chunked"       any      key blocks, online softmax (`lowering/chunked_attention.py`)
 
 A node whose `implementation` is None never reaches these: it runs its decomposition or reference
 (see `graphopt.nn_ops`). Each kernel converts the op's semantics to the library's and says, through
@@ -43,7 +44,7 @@ _FLOATS = (np.dtype(np.float16), np.dtype(jnp.bfloat16), np.dtype(np.float32))
 _MAX_FILL = -1e4
 
 
-def _common_support(in_types, p) -> str | None:
+def common_support(in_types, p) -> str | None:
     q, k, v = in_types[:3]
     if q.dtype not in _FLOATS:
         return f"dtype {q.dtype} (supported: f16, bf16, f32)"
@@ -61,11 +62,11 @@ def _xla_cpu_support(in_types, p) -> str | None:
     if in_types[0].dtype != np.float32:  # the library asks for BF16_BF16_F32 / F16_F16_F32 dots
         return (f"dtype {in_types[0].dtype} on CPU (jax.nn.dot_product_attention asks for "
                 "BF16_BF16_F32 / F16_F16_F32 dot algorithms, which XLA:CPU does not support)")
-    return _common_support(in_types, p)
+    return common_support(in_types, p)
 
 
 def _cudnn_support(in_types, p) -> str | None:
-    reason = _common_support(in_types, p)
+    reason = common_support(in_types, p)
     if reason:
         return reason
     q = in_types[0]
@@ -80,7 +81,7 @@ def _to_4d(x, rank):
     return x.reshape((1,) * (rank - x.ndim) + x.shape)
 
 
-def _library_args(q, k, v, extra, p):
+def library_args(q, k, v, extra, p):
     """q, k, v as BTNH rank 4, and the 4-d bias and mask, for jax.nn.dot_product_attention."""
     layout = p["layout"]
     qkv = [x if layout == "BTNH" else jnp.swapaxes(x, -3, -2) for x in (q, k, v)]
@@ -90,14 +91,14 @@ def _library_args(q, k, v, extra, p):
     return qkv, bias, mask
 
 
-def _from_library(out, q, layout):
+def from_library(out, q, layout):
     out = out if layout == "BTNH" else jnp.swapaxes(out, -3, -2)
     return out[0] if q.ndim == 3 else out
 
 
 def _dot_product_attention(which):
     def kernel(q, k, v, *extra, regions, **p):
-        (q4, k4, v4), bias, mask = _library_args(q, k, v, extra, p)
+        (q4, k4, v4), bias, mask = library_args(q, k, v, extra, p)
         if which == "cudnn":  # cuDNN wants full-length score dims in bias and mask
             B, T, N, _ = q4.shape
             S = k4.shape[1]
@@ -105,12 +106,12 @@ def _dot_product_attention(which):
             mask = None if mask is None else jnp.broadcast_to(mask, mask.shape[:2] + (T, S))
         out = jax.nn.dot_product_attention(q4, k4, v4, bias, mask, scale=p["scale"],
                                            is_causal=p["is_causal"], implementation=which)
-        return [_from_library(out, q, p["layout"])]
+        return [from_library(out, q, p["layout"])]
     kernel.__name__ = f"attention_{which}"
     return kernel
 
 
-register("attention", "xla", supports=_common_support)(_dot_product_attention("xla"))
+register("attention", "xla", supports=common_support)(_dot_product_attention("xla"))
 register("attention", "xla", "cpu", supports=_xla_cpu_support)(_dot_product_attention("xla"))
 register("attention", "cudnn", "gpu", supports=_cudnn_support)(_dot_product_attention("cudnn"))
 
@@ -122,7 +123,7 @@ except Exception:  # pragma: no cover - depends on the installed jax
 
 
 def _pallas_support(in_types, p) -> str | None:
-    reason = _common_support(in_types, p)
+    reason = common_support(in_types, p)
     if reason:
         return reason
     if p["has_mask"]:
@@ -144,9 +145,9 @@ _PALLAS_BLOCK = 128  # the Pallas TPU flash kernel's default block sizes (BlockS
 if _pallas_flash is not None:
     @register("attention", "pallas_flash", "tpu", supports=_pallas_support)
     def attention_pallas_flash(q, k, v, *extra, regions, **p):
-        (q4, k4, v4), bias, _ = _library_args(q, k, v, extra, p)
+        (q4, k4, v4), bias, _ = library_args(q, k, v, extra, p)
         q4, k4, v4 = (jnp.swapaxes(x, 1, 2) for x in (q4, k4, v4))  # the kernel takes BNTH
         if bias is not None:
             bias = jnp.broadcast_to(bias, q4.shape[:3] + (k4.shape[2],)).astype(jnp.float32)
         out = _pallas_flash.flash_attention(q4, k4, v4, bias, causal=p["is_causal"], sm_scale=p["scale"])
-        return [_from_library(jnp.swapaxes(out, 1, 2), q, p["layout"])]
+        return [from_library(jnp.swapaxes(out, 1, 2), q, p["layout"])]

@@ -37,11 +37,11 @@ def run(g, arrays):
 
 
 @st.composite
-def attention_cases(draw):
-    dtype = draw(st.sampled_from(DTYPES))
+def attention_cases(draw, dtypes=DTYPES, keys=st.integers(1, 6)):
+    dtype = draw(st.sampled_from(dtypes))
     layout = draw(st.sampled_from(["BTNH", "BNTH"]))
     batch = draw(st.sampled_from([None, 1, 2]))
-    t, s, kv, groups, h = (draw(st.integers(1, 6)), draw(st.integers(1, 6)), draw(st.integers(1, 2)),
+    t, s, kv, groups, h = (draw(st.integers(1, 6)), draw(keys), draw(st.integers(1, 2)),
                            draw(st.integers(1, 3)), draw(st.sampled_from([4, 8])))
     n = kv * groups
 
@@ -80,6 +80,54 @@ def test_xla_kernel_matches_reference(case):
     assert_equivalent(kernel, reference, rtol=loose, atol=loose)
 
 
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=attention_cases(dtypes=[np.float32, jnp.bfloat16], keys=st.sampled_from([256, 384, 1024])))
+def test_chunked_kernel_matches_reference(case):
+    # Key blocks of 512, 256 or 128 (1024: two of 512; 384: three of 128): masks, biases and
+    # causal masks are cut per block, and fully masked rows still average v.
+    arrays, params = case
+    note(f"types: {[TensorType(a.shape, a.dtype) for a in arrays]}, params: {params}")
+    reference = run(attention_graph(arrays, None, **params), arrays)
+    kernel = run(attention_graph(arrays, "chunked", **params), arrays)
+    loose = 2e-2 if arrays[0].dtype == jnp.bfloat16 else 2e-5
+    assert_equivalent(kernel, reference, rtol=loose, atol=loose)
+
+
+def test_chunked_kernel_keeps_nan_and_fully_masked_rows():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 4, 2, 8)), np.float32)
+    k = jnp.asarray(rng.standard_normal((1, 512, 2, 8)), np.float32)
+    v = k.at[0, 3, 1, 0].set(jnp.nan)  # one NaN value: every row that weighs it is NaN
+    mask = jnp.ones((1, 1, 4, 512), bool).at[0, 0, 2].set(False)  # row 2: fully masked
+    arrays = [q, k, v, mask]
+    reference = run(attention_graph(arrays, None, mask=True, mask_value=-1e9), arrays)
+    kernel = run(attention_graph(arrays, "chunked", mask=True, mask_value=-1e9), arrays)
+    assert_equivalent(kernel, reference, rtol=2e-5, atol=2e-5)
+    assert np.isnan(np.asarray(kernel)[0, :, 1, 0]).all()
+
+
+def test_chunked_kernel_needs_whole_key_blocks():
+    from graphopt.lowering.chunked_attention import key_block
+
+    assert (key_block(1024), key_block(768), key_block(384), key_block(512), key_block(200)) == \
+        (512, 256, 128, 256, None)
+    arrays = [jnp.ones((1, 3, 2, 8)), jnp.ones((1, 200, 2, 8)), jnp.ones((1, 200, 2, 8))]
+    with pytest.raises(GraphError, match="200 keys: blocks of 512, 256, 128 keys, at least two"):
+        run(attention_graph(arrays, "chunked"), arrays)
+
+
+def test_chunked_kernel_needs_less_memory_than_the_scores():
+    x = jax.ShapeDtypeStruct((1, 4096, 4, 32), jnp.float32)
+    temps = {}
+    for implementation in ("xla", "chunked"):
+        g = attention_graph([x] * 3, implementation, is_causal=True)
+        temps[implementation] = jax.jit(graphopt.lower(g).flat).lower(x, x, x).compile() \
+            .memory_analysis().temp_size_in_bytes
+    scores = 4 * 4096 * 4096 * 4  # bytes of [1, 4, 4096, 4096] f32
+    block = 4 * 4096 * 512 * 4  # the scores of one 512-key block
+    assert temps["xla"] >= scores and temps["chunked"] < 3 * block < scores / 2
+
+
 def test_xla_kernel_gradients_match_reference():
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 4, 3, 8)), np.float32) for _ in range(3))
@@ -95,7 +143,7 @@ def test_xla_kernel_gradients_match_reference():
 
 
 def test_kernel_table():
-    assert [k.implementation for k in implementations.available("attention", "cpu")] == ["xla"]
+    assert [k.implementation for k in implementations.available("attention", "cpu")] == ["chunked", "xla"]
     assert "cudnn" in [k.implementation for k in implementations.available("attention", "gpu")]
     assert implementations.find("attention", "cudnn", "cpu") is None
     assert implementations.find("attention", "xla", "gpu").backend is None
@@ -114,7 +162,7 @@ def test_missing_kernel_is_an_error_not_a_fallback():
     arrays = [jnp.ones((1, 3, 2, 8))] * 3
     g = attention_graph(arrays, "cudnn")
     with pytest.raises(GraphError, match=r"attention: implementation 'cudnn' has no kernel on backend "
-                                         r"'cpu' \(available here: \['xla'\]\)\. Run fuse_attention") as err:
+                                         r"'cpu' \(available here: \['chunked', 'xla'\]\)\. Run fuse_attention") as err:
         run(g, arrays)
     assert "set the node's implementation to None" in str(err.value)
 
