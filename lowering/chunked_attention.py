@@ -14,7 +14,9 @@ scores (mask and causal) set to `mask_value` (or the library's fill), softmax ov
 fully masked row averages v as the decomposition does. The sums run in another order than one
 softmax over the whole row: results differ in the last bits (fuse_attention's approximate
 contract). Not supported: keys that no block divides or fewer than two blocks (nothing to save),
-and the fills the other kernels refuse (see `lowering.kernels`).
+and the fills the other kernels refuse (see `lowering.kernels`). It is an inference kernel:
+gradients through the scan are right, but the backward pass keeps every block's weights, as
+much memory as the scores (the training pipeline does not run fuse_attention).
 
 Example:
     >>> import graphopt.implementations as impls
