@@ -90,16 +90,16 @@ def missing(op: str, implementation: str, backend: str) -> str:
             "its decomposition, or register a kernel with graphopt.implementations.register.")
 
 
-def measure(node, candidates: Sequence[str | None], *, repeats: int = 5,
-            seed: int = 0) -> dict[str | None, float | Exception]:
+def measure(node, candidates: Sequence[str | None], *, repeats: int = 5, seed: int = 0,
+            temp_bytes: dict | None = None) -> dict[str | None, float | Exception]:
     """Median seconds of one run of `node`, alone and jitted on the default backend, for each
     implementation in `candidates` (None: its decomposition or reference), on the same random
     inputs of its types. A candidate that fails to compile maps to the exception it raised.
-    See `time_graphs` for how the runs are timed."""
+    See `time_graphs` for how the runs are timed, and the temporary memory in `temp_bytes`."""
     graphs = {}
     for name in candidates:
         graphs[name] = single_node_graph(node, {**node.params, "implementation": name})
-    return time_graphs(graphs, repeats=repeats, seed=seed)
+    return time_graphs(graphs, repeats=repeats, seed=seed, temp_bytes=temp_bytes)
 
 
 def single_node_graph(node, params: dict | None = None, op=None):
@@ -115,10 +115,12 @@ def single_node_graph(node, params: dict | None = None, op=None):
     return graph
 
 
-def time_graphs(graphs: dict, *, repeats: int = 5, seed: int = 0, sample_seconds: float = 2e-3) -> dict:
+def time_graphs(graphs: dict, *, repeats: int = 5, seed: int = 0, sample_seconds: float = 2e-3,
+                temp_bytes: dict | None = None) -> dict:
     """Median seconds of one jitted run of each graph (label → Graph) on random inputs of its
     input types (the same inputs for graphs with the same input types). A graph that fails to
-    compile maps to the exception it raised.
+    compile maps to the exception it raised. Given a dict `temp_bytes`, also fills it with each
+    compiled graph's temporary memory (XLA's memory analysis; absent where it has none).
 
     Compilation is not timed; one warm-up run is. Each of the `repeats` samples times enough
     back-to-back calls to last about `sample_seconds` (a 20 µs kernel is timed over ~100 calls,
@@ -130,10 +132,10 @@ def time_graphs(graphs: dict, *, repeats: int = 5, seed: int = 0, sample_seconds
     # Under an outer trace (a user's jax.jit of an optimized model) JAX would stage these runs
     # into the caller's program; measure eagerly instead.
     with jax.ensure_compile_time_eval():
-        return _time_graphs(graphs, repeats, seed, sample_seconds)
+        return _time_graphs(graphs, repeats, seed, sample_seconds, {} if temp_bytes is None else temp_bytes)
 
 
-def _time_graphs(graphs: dict, repeats: int, seed: int, sample_seconds: float) -> dict:
+def _time_graphs(graphs: dict, repeats: int, seed: int, sample_seconds: float, temp_bytes: dict) -> dict:
     from graphopt.lowering.emit import lower
 
     runs: dict = {}
@@ -147,6 +149,9 @@ def _time_graphs(graphs: dict, repeats: int, seed: int, sample_seconds: float) -
         except Exception as err:  # e.g. cuDNN refusing a shape at compile time
             results[label] = err
             continue
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            temp_bytes[label] = int(memory.temp_size_in_bytes)
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         calls = int(min(1000, max(1, sample_seconds // max(time.perf_counter() - start, 1e-7))))

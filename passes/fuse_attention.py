@@ -17,7 +17,11 @@ How it chooses (`measure=True`, the default, on the backend this process runs):
     jax.jit on random inputs for the decomposition and every candidate kernel; the median of
     `repeats` runs, interleaved across the candidates, decides. A kernel is taken only if it beats the decomposition by `margin`
     (5%), so the result is never slower than the unfused program by more than measurement
-    noise; otherwise the node keeps implementation None. Measurements are cached in-process.
+    noise. Where no kernel is that much faster, a kernel within the margin of the
+    decomposition's time (the same noise, either way) that needs at most half its temporary
+    memory is taken (the least memory first: at 8192 tokens on CPU "chunked" needs 141 MiB where
+    the scores take 2 GiB); otherwise the node keeps implementation None. Measurements are
+    cached in-process.
 With `measure=False`, for a `backend=` other than this process's, or in a multi-process run
 (`jax.process_count() > 1`: timings differ between processes, programs must not): a static preference table
 (cuDNN on GPU, Pallas flash then XLA's attention on TPU, nothing on CPU: "xla" is never chosen
@@ -26,8 +30,9 @@ there unmeasured).
 Plumbing: passes/ never imports lowering/. The kernels live in lowering/kernels.py and register
 into the table in graphopt/implementations.py; this pass only reads the table and sets the node's
 `implementation` param, and times nodes with `graphopt.implementations.measure` (which lowers
-one node; graphopt/ may use the lowering, as param_prep does). `timer(node, names) -> {name: seconds
-or exception}` replaces that function (tests inject fake timings: decisions are deterministic).
+one node; graphopt/ may use the lowering, as param_prep does). `timer(node, names) -> {name: seconds,
+(seconds, temporary bytes) or exception}` replaces that function (tests inject fake timings:
+decisions are deterministic).
 
 Trade-offs: measurement costs one compile per candidate per distinct shape (seconds for large
 sequences) and times the node alone, not inside the model (fusion with neighbours can differ).
@@ -72,8 +77,9 @@ STATIC_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": (),
 }
 
-# (node key, implementation) -> median seconds (or the compile error); for the default timer only.
-_MEASURED: dict[tuple, float | Exception] = {}
+# (node key, implementation) -> (median seconds, temporary bytes or None), or the compile error;
+# for the default timer only.
+_MEASURED: dict[tuple, tuple | Exception] = {}
 
 
 @register_pass("fuse_attention", contract=approximate(BOUND))
@@ -137,23 +143,43 @@ def _measured_choice(node, key, candidates, ctx, timer, repeats, margin) -> str 
     if not candidates:
         return None
     cache = _MEASURED if timer is None else {}
-    timer = timer or (lambda n, names: implementations.measure(n, names, repeats=repeats))
+    timer = timer or _default_timer(repeats)
     todo = [name for name in [None, *candidates] if (key, name) not in cache]
     if todo:
-        cache.update({(key, name): t for name, t in timer(node, todo).items()})
-    times = {name: cache[(key, name)] for name in [None, *candidates]}
-    for name, t in list(times.items()):
-        if isinstance(t, Exception):
+        cache.update({(key, name): r if isinstance(r, (Exception, tuple)) else (r, None)
+                      for name, r in timer(node, todo).items()})
+    found = {name: cache[(key, name)] for name in [None, *candidates]}
+    for name, r in list(found.items()):
+        if isinstance(r, Exception):
             if name is None:
-                raise t
-            ctx.note(f"{_what(node)}: {name} failed to compile, skipped: {type(t).__name__}: {t}")
-            del times[name]
-    base = times.pop(None)
-    best = min((t, name) for name, t in times.items()) if times else None
+                raise r
+            ctx.note(f"{_what(node)}: {name} failed to compile, skipped: {type(r).__name__}: {r}")
+            del found[name]
+    (base, base_bytes), kernels = found.pop(None), found
+    best = min((t, name) for name, (t, _) in kernels.items()) if kernels else None
     pick = best[1] if best is not None and best[0] < base * (1 - margin) else None
-    shown = ", ".join(f"{name} {t * 1e3:.3g} ms" for name, t in times.items())
-    ctx.note(f"{_what(node)}: decomposition {base * 1e3:.3g} ms, {shown} -> {pick or 'decomposition'}")
+    why = ""
+    if pick is None and base_bytes:  # as fast within noise, far less memory
+        lighter = sorted((b, name) for name, (t, b) in kernels.items()
+                         if b is not None and t <= base * (1 + margin) and 2 * b <= base_bytes)
+        if lighter:
+            pick = lighter[0][1]
+            why = f" (as fast within {margin:.0%}; temporaries {_mib(lighter[0][0])} instead of {_mib(base_bytes)})"
+    shown = ", ".join(f"{name} {t * 1e3:.3g} ms" for name, (t, _) in kernels.items())
+    ctx.note(f"{_what(node)}: decomposition {base * 1e3:.3g} ms, {shown} -> {pick or 'decomposition'}{why}")
     return pick
+
+
+def _default_timer(repeats: int):
+    def timer(node, names):
+        temp_bytes: dict = {}
+        times = implementations.measure(node, names, repeats=repeats, temp_bytes=temp_bytes)
+        return {name: t if isinstance(t, Exception) else (t, temp_bytes.get(name)) for name, t in times.items()}
+    return timer
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3g} MiB"
 
 
 def _set_implementation(node, name: str) -> None:

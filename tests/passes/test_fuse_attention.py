@@ -63,6 +63,20 @@ class FakeTimer:
         return {name: self.times[name] for name in names}
 
 
+@pytest.mark.parametrize("times, expected", [
+    ({None: (1.0, 100 << 20), "xla": (1.03, 40 << 20)}, "xla"),  # as fast within 5%, under half the memory
+    ({None: (1.0, 100 << 20), "xla": (1.03, 60 << 20)}, None),   # not half
+    ({None: (1.0, 100 << 20), "xla": (1.2, 10 << 20)}, None),    # slower than noise: never, whatever it saves
+    ({None: (1.0, None), "xla": (1.0, 10 << 20)}, None),         # the decomposition's memory unknown
+])
+def test_memory_decides_between_kernels_as_fast_as_the_decomposition(times, expected):
+    g, record = run_pass(attention_graph(inputs()), timer=FakeTimer(times))
+    assert implementations_of(g) == [expected]
+    if expected:
+        assert any("-> xla (as fast within 5%; temporaries 40 MiB instead of 100 MiB)" in note
+                   for note in record.notes), record.notes
+
+
 def test_layers_sharing_one_mask_are_measured_once():
     # After cse both layers read one causal mask; outlining copies it into the first layer's
     # decomposition (the second still reads it) and moves it into the last one's, so the two
@@ -131,8 +145,8 @@ def test_nodes_already_lowered_are_left_alone():
 
 def test_measurements_are_cached_per_shape(monkeypatch):
     calls = []
-    monkeypatch.setattr(fa.implementations, "measure", lambda node, names, repeats: calls.extend(names) or {
-        name: 2.0 if name is None else 1.0 for name in names})
+    monkeypatch.setattr(fa.implementations, "measure", lambda node, names, repeats, temp_bytes: calls.extend(names)
+                        or {name: 2.0 if name is None else 1.0 for name in names})
     monkeypatch.setattr(fa, "_MEASURED", {})
     run_pass(attention_graph(inputs()))
     run_pass(attention_graph(inputs()))
