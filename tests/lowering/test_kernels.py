@@ -69,15 +69,19 @@ def attention_cases(draw, dtypes=DTYPES, keys=st.integers(1, 6)):
     return arrays, params
 
 
-@settings(max_examples=EXAMPLES)
-@given(case=attention_cases())
-def test_xla_kernel_matches_reference(case):
+def matches_reference(case, implementation):
     arrays, params = case
     note(f"types: {[TensorType(a.shape, a.dtype) for a in arrays]}, params: {params}")
     reference = run(attention_graph(arrays, None, **params), arrays)
-    kernel = run(attention_graph(arrays, "xla", **params), arrays)
+    kernel = run(attention_graph(arrays, implementation, **params), arrays)
     loose = 2e-2 if arrays[0].dtype == jnp.bfloat16 else 2e-5
     assert_equivalent(kernel, reference, rtol=loose, atol=loose)
+
+
+@settings(max_examples=EXAMPLES)
+@given(case=attention_cases())
+def test_xla_kernel_matches_reference(case):
+    matches_reference(case, "xla")
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -85,12 +89,7 @@ def test_xla_kernel_matches_reference(case):
 def test_chunked_kernel_matches_reference(case):
     # Key blocks of 512, 256 or 128 (1024: two of 512; 384: three of 128): masks, biases and
     # causal masks are cut per block, and fully masked rows still average v.
-    arrays, params = case
-    note(f"types: {[TensorType(a.shape, a.dtype) for a in arrays]}, params: {params}")
-    reference = run(attention_graph(arrays, None, **params), arrays)
-    kernel = run(attention_graph(arrays, "chunked", **params), arrays)
-    loose = 2e-2 if arrays[0].dtype == jnp.bfloat16 else 2e-5
-    assert_equivalent(kernel, reference, rtol=loose, atol=loose)
+    matches_reference(case, "chunked")
 
 
 def test_chunked_kernel_keeps_nan_and_fully_masked_rows():
