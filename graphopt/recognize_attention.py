@@ -45,12 +45,16 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from graphopt import _jax_compat as compat
 from graphopt.builder import Builder
 from graphopt.errors import GraphError
 from graphopt.ir import Graph, Node, Value
 from graphopt.nn_ops import COMPOSITE_OPS, attention_node
+from graphopt.ops import CONSTANT
 from graphopt.outline import OutlineError, outline_into, outline_slice
 from graphopt.recognize import constant_array, constant_only, evaluate_slice
 
@@ -423,12 +427,6 @@ def _is_large_causal(value: Value, labels, sizes) -> bool:
     sequence, which fold_constants keeps lazy as iotas and a comparison): one program compiled
     for this machine's CPU computes it and compares it with s <= t; XLA fuses both into the
     reduction, so neither is materialized."""
-    import jax
-    import jax.numpy as jnp
-
-    from graphopt import _jax_compat as compat
-    from graphopt.ops import CONSTANT
-
     shapes = _causal_shapes(value.type.shape, labels, sizes)
     if shapes is None or value.type.dtype != np.bool_ or not constant_only(value, max_elements=float("inf")):
         return False

@@ -10,9 +10,9 @@ Both live under one folder, `$GRAPHOPT_CACHE_DIR`, else `~/.cache/graphopt`:
 Both are on by default. `GRAPHOPT_CACHE=0` (or `configure(enabled=False)`) turns both off;
 `configure(path=...)` moves them. Each folder is kept under `GRAPHOPT_CACHE_MAX_BYTES` (default
 2 GiB; `configure(max_bytes=...)`): storing a program evicts the least recently used ones, and
-JAX evicts its own executables (`jax_compilation_cache_max_size`). Importing graphopt changes nothing in JAX's configuration: the
-compilation cache is turned on when graphopt first builds a program, with thresholds that cache
-small programs too. A `jax_compilation_cache_dir` the user set (flag, `JAX_COMPILATION_CACHE_DIR`
+JAX evicts its own executables (`jax_compilation_cache_max_size`). Importing graphopt changes
+nothing in JAX's configuration: the compilation cache is turned on when graphopt first builds a
+program, with thresholds that cache small programs too. A `jax_compilation_cache_dir` the user set (flag, `JAX_COMPILATION_CACHE_DIR`
 or `jax.config.update`) is respected: graphopt then uses it as it is, thresholds included.
 
 Example:
@@ -99,8 +99,9 @@ def configure(path=_UNSET, enabled=_UNSET, max_bytes=_UNSET) -> Settings:
             if value is not _UNSET:
                 _overrides[name] = None if value is None else kind(value)
         current = settings()
+        bound = _xla_cache_bound()  # None: a JAX without the option
         if _owned_dir is not None and (not current.enabled or _owned_dir != str(current.xla_dir)
-                                       or _xla_cache_bound() != current.max_bytes):
+                                       or bound not in (None, current.max_bytes)):
             _detach()  # the next build attaches it again, as now configured
     return current
 

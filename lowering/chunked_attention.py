@@ -6,8 +6,9 @@ The scores of all queries against one block of keys are computed, masked and fol
 running maximum, denominator and weighted sum of v (the online softmax of memory-efficient and
 flash attention); the [B, N, T, S] score matrix is never built, only [B, N, T, C]. On a 2-core
 CPU at 8192 tokens it needs 141 MiB of temporaries where `jax.nn.dot_product_attention`'s XLA form
-needs 2 GiB, and runs in 0.85–0.9× its time (`benchmarks/RESULTS.md`); fuse_attention measures it
-against the decomposition and the other kernels per shape, as any kernel.
+needs 2 GiB, and ran in 0.83–0.96× that form's time and 0.86–1.0× the decomposition's in four
+runs (`benchmarks/RESULTS.md`); fuse_attention measures it against the decomposition and the
+other kernels per shape, as any kernel.
 
 Semantics are the op's (`graphopt.nn_ops`): scores in f32, times `scale`, plus bias, masked
 scores (mask and causal) set to `mask_value` (or the library's fill), softmax over all keys, so a
