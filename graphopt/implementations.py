@@ -132,10 +132,10 @@ def time_graphs(graphs: dict, *, repeats: int = 5, seed: int = 0, sample_seconds
     # Under an outer trace (a user's jax.jit of an optimized model) JAX would stage these runs
     # into the caller's program; measure eagerly instead.
     with jax.ensure_compile_time_eval():
-        return _time_graphs(graphs, repeats, seed, sample_seconds, {} if temp_bytes is None else temp_bytes)
+        return _time_graphs(graphs, repeats, seed, sample_seconds, temp_bytes)
 
 
-def _time_graphs(graphs: dict, repeats: int, seed: int, sample_seconds: float, temp_bytes: dict) -> dict:
+def _time_graphs(graphs: dict, repeats: int, seed: int, sample_seconds: float, temp_bytes: dict | None) -> dict:
     from graphopt.lowering.emit import lower
 
     runs: dict = {}
@@ -149,7 +149,7 @@ def _time_graphs(graphs: dict, repeats: int, seed: int, sample_seconds: float, t
         except Exception as err:  # e.g. cuDNN refusing a shape at compile time
             results[label] = err
             continue
-        memory = compiled.memory_analysis()
+        memory = None if temp_bytes is None else compiled.memory_analysis()
         if memory is not None:
             temp_bytes[label] = int(memory.temp_size_in_bytes)
         start = time.perf_counter()

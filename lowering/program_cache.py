@@ -124,7 +124,7 @@ def evict(folder: pathlib.Path, max_bytes: int, keep: pathlib.Path | None = None
         entries.append((info.st_mtime, info.st_size, path))
     total = sum(size for _, size, _ in entries)
     deleted = []
-    for _, size, path in sorted(entries, key=lambda e: e[:1]):  # oldest first
+    for _, size, path in sorted(entries, key=lambda e: e[0]):  # oldest first
         if total <= max_bytes:
             break
         if keep is not None and path == keep:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -121,7 +122,7 @@ def _tensor_parallel(analysis: Analysis, args, m: int, specs, reasons, notes, ru
         if not holders or any(p in split for p, _ in holders):
             continue  # a parameter takes one split: the heads, not also the per-head features
         kind = "heads" if id(dim) in analysis.head_like else "features"
-        twice = sorted({p for p, _ in holders if sum(q == p for q, _ in holders) > 1})
+        twice = sorted(p for p, n in Counter(p for p, _ in holders).items() if n > 1)
         if twice:  # one mesh axis splits at most one axis of a tensor
             for path in twice:
                 axes = sorted(a for p, a in holders if p == path)
