@@ -315,23 +315,35 @@ class Graph:
         if node.graph is not self:
             raise GraphError("modify: the node belongs to another graph", node)
         inputs = list(inputs)
-        self._check_inputs(op, inputs, node)
+        for value in inputs:  # _check_inputs, inlined: every canonical rewrite comes here
+            if value.graph is not self:
+                self._check_inputs(op, inputs, node)
         in_types = [v.type for v in inputs]
         try:
             types, effects = op.signature(in_types, params, ())
         except Exception as err:
             raise GraphError(f"{op.name}: inputs ({', '.join(map(str, in_types))}) are not "
                              f"accepted: {err}", node) from err
-        if node.regions or types is None or list(types) != [v.type for v in node.outputs] or \
-                effects != node.effects:
+        outputs = node.outputs
+        if node.regions or types is None or len(types) != len(outputs) or effects != node.effects or \
+                any(t != v.type for t, v in zip(types, outputs)):
             raise GraphError(f"cannot modify {node.op.name} into {op.name} in place: the types or "
                              "effects would change (build a new node and replace_all_uses)", node)
-        former = [v.node for v in node.inputs if v.node is not None]
+        former = []
         for i, value in enumerate(node.inputs):
             del value.uses[(node, i)]
-        self._count(node, -1)
-        node.op, node.inputs, node.params, node._flops = op, inputs, dict(params), None
-        self._count(node, 1)
+            if value.node is not None:
+                former.append(value.node)
+        if op is node.op and op is not CONSTANT and op.kind != "opaque":
+            # Same op: only the FLOPs total can change (constants and opaque ops count apart).
+            old = node._flops if node._flops is not None else plain_flops(node)
+            node.inputs, node.params = inputs, dict(params)
+            node._flops = new = plain_flops(node)
+            self._plain_flops += new - old
+        else:
+            self._count(node, -1)
+            node.op, node.inputs, node.params, node._flops = op, inputs, dict(params), None
+            self._count(node, 1)
         for i, value in enumerate(inputs):
             value.uses[(node, i)] = None
         if provenance is not None:

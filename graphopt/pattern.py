@@ -137,6 +137,9 @@ class Op(Pattern):
         # The ops that can compute each operand (None: any), to skip an operand order of a
         # commutative op on the names alone.
         object.__setattr__(self, "_operand_ops", tuple(p.produced_by() for p in self.operands))
+        # Only an op name, operands and a capture name to check (most patterns): see _match_plain.
+        object.__setattr__(self, "_plain", params is None and dtype is None and shape is None and
+                           not single_use and index == 0 and not (commutative and len(operands) == 2))
 
     def produced_by(self):
         return self.op
@@ -145,6 +148,8 @@ class Op(Pattern):
         return _operand_guard(self)
 
     def match(self, value, captures, why):
+        if self._plain and why is None:
+            return self._match_plain(value, captures)
         node = value.node
         if node is None:
             return _fail(why, lambda: f"expected {_ops_text(self.op)}, got a graph input")
@@ -181,6 +186,22 @@ class Op(Pattern):
             elif why is not None and sub_why:
                 why.append(f"{node.op.name} operand: {sub_why[-1]}")
         return False
+
+    def _match_plain(self, value, captures) -> bool:
+        """match() for a pattern with no condition but the op, the operands and the name, when no
+        reason is asked for: the same checks, the fewest steps (the driver's hot path)."""
+        node = value.node
+        if node is None or node.op.name not in self.op or value.index != 0:
+            return False
+        operands, inputs = self.operands, node.inputs
+        if operands:
+            if len(operands) != len(inputs):
+                return False
+            for pattern, operand in zip(operands, inputs):
+                if not pattern.match(operand, captures, None):
+                    return False
+        name = self.name
+        return name is None or captures.setdefault(name, value) is value
 
     def _params_ok(self, node, why) -> bool:
         if self.params is None:
@@ -410,11 +431,20 @@ def _apply(graph: Graph, rule: Rule, root: Node, captures: dict, made_by) -> lis
                              "modifies last, once it will not decline", root)
         builder.discard()
         return None
+    root_value = captures.get("_root")
+    if result is root_value and not builder.on_rewired:
+        # The usual canonical rewrite: the root changed in place (Builder.modify), so its value,
+        # type and readers stay; the nodes built, changed and reading it may match anew.
+        touched = builder.created
+        touched += builder.modified
+        touched.extend([node for node, _ in result.uses if node is not None])
+        erase_dead([*builder.released, root])
+        return [n for n in touched if n.graph is graph]
     if isinstance(result, dict):
         pairs = [(captures.get(name), new) for name, new in result.items()]
         names = list(result)
     else:
-        pairs, names = [(captures.get("_root"), result)], ["_root"]
+        pairs, names = [(root_value, result)], ["_root"]
     for name, (old, new) in zip(names, pairs):  # all checked before any rewiring
         _check_replacement(rule, name, old, new, builder, root)
     touched = builder.created

@@ -145,6 +145,8 @@ def _literal(text: str) -> Any:
         return text.strip()
 
 
+# fold_constants runs first: canonicalize then sees the folded constants (x / sqrt(64.0) is x / 8.0,
+# so x * 0.125) and does not rewrite what folding erases (a causal mask's iota arithmetic).
 # cleanup: the exact, bit-preserving core. inference: cleanup, then fusion on frozen weights (cse
 # before fold_batchnorm and raise_ops, which expect one value per expression; fold_params after
 # them, so the weight-side work they create is precomputed; raise_ops before fuse_attention,
@@ -153,12 +155,12 @@ def _literal(text: str) -> Any:
 # are chosen. training: no frozen weights, no approximate passes.
 PIPELINES: dict[str, tuple[str, ...]] = {
     "none": (),
-    "cleanup": ("canonicalize", "fold_constants", "fold_params", "cse", "dce"),
-    "inference": ("canonicalize", "fold_constants", "cse", "fold_batchnorm", "raise_ops",
+    "cleanup": ("fold_constants", "canonicalize", "fold_params", "cse", "dce"),
+    "inference": ("fold_constants", "canonicalize", "cse", "fold_batchnorm", "raise_ops",
                   "fuse_attention", "fold_params", "dce"),
-    "mixed_precision": ("canonicalize", "fold_constants", "cse", "fold_batchnorm", "raise_ops",
+    "mixed_precision": ("fold_constants", "canonicalize", "cse", "fold_batchnorm", "raise_ops",
                         "autocast", "fuse_attention", "fold_params", "dce"),
-    "training": ("canonicalize", "fold_constants", "cse", "raise_ops", "dce"),
+    "training": ("fold_constants", "canonicalize", "cse", "raise_ops", "dce"),
 }
 PIPELINES["default"] = PIPELINES["inference"]
 

@@ -1,10 +1,12 @@
 """The pass manager: specs, registry errors, enable/disable, debug verification, the report."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 import graphopt
 from graphopt.errors import GraphoptError
+from graphopt.testing import assert_equivalent
 from graphopt.pipeline import (PASSES, PIPELINES, PassSpec, approximate, parse_spec, register_pass,
                                resolve, run_pipeline)
 
@@ -45,8 +47,19 @@ def test_named_pipelines_and_disable():
     assert [i.name for i, _ in resolve("inference")] == list(PIPELINES["inference"])
     assert "fold_params" not in [i.name for i, _ in resolve("training")]
     assert [i.name for i, _ in resolve("cleanup", disable=["cse", "fold_params"])] == [
-        "canonicalize", "fold_constants", "dce"]
+        "fold_constants", "canonicalize", "dce"]
     assert "autocast" not in PIPELINES["inference"] and "autocast" in PIPELINES["mixed_precision"]
+
+
+@pytest.mark.parametrize("pipeline", ["cleanup", "inference", "training"])
+def test_constants_fold_before_canonicalize_sees_them(pipeline):
+    # sqrt(64.0) is a constant expression: folded first, the division by it is a division by 8.0,
+    # which canonicalize turns into a product by 0.125 (exact: a power of two).
+    g = graphopt.trace(lambda x: x / jnp.sqrt(64.0), jnp.ones(3))
+    out = run_pipeline(g, pipeline).graph
+    assert [n.op.name for n in out.nodes if n.op.name != "constant"] == ["mul"]
+    x = jnp.array([1.0, -0.0, jnp.inf])
+    assert_equivalent(jax.jit(graphopt.lower(out))(x), jax.jit(lambda x: x / jnp.sqrt(64.0))(x), exact=True)
 
 
 def test_options_reach_the_pass_and_the_report_counts(temporary_pass):

@@ -83,7 +83,7 @@ def test_quantize_reads_and_never_changes_the_users_arrays(net):
 
 
 def test_quantize_inserts_the_pass_where_it_belongs():
-    assert _with_quantize("inference") == ["canonicalize", "fold_constants", "cse", "fold_batchnorm", "raise_ops",
+    assert _with_quantize("inference") == ["fold_constants", "canonicalize", "cse", "fold_batchnorm", "raise_ops",
                                            "quantize", "fuse_attention", "fold_params", "dce"]
     assert _with_quantize(["canonicalize"]) == ["canonicalize", "quantize", "fold_params", "dce"]
     with pytest.raises(QuantizationError, match="inserts the quantize pass itself"):
