@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from graphopt.builder import Builder
 from graphopt.ops import OPS, OpDef, register, signature_key
 from graphopt.types import TensorType
 
@@ -383,8 +384,6 @@ def add_composite(where, op: CompositeOp | str, inputs, params: dict, decomposit
 
 def composite_node(where, op: CompositeOp | str, inputs, params: dict, decomposition=None):
     """As `add_composite`, but the Node (for ops with several outputs)."""
-    from graphopt.builder import Builder
-
     op = OPS[op] if isinstance(op, str) else op
     graph, before, provenance = ((where.graph, where.before, where.provenance)
                                  if isinstance(where, Builder) else (where, None, None))

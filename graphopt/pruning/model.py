@@ -257,6 +257,7 @@ def _fastest_multiple(deps: Dependencies, choose) -> tuple:
 
     candidates, graphs, errors = {}, {}, []
     full = graph_flops(deps.graph)[0]
+    first_flops = None  # of the first (finest) candidate
     for m in AUTO_MULTIPLES.get(jax.default_backend(), (8, 16, 32)):
         try:
             keep = choose(m)
@@ -266,7 +267,10 @@ def _fastest_multiple(deps: Dependencies, choose) -> tuple:
         if any(_same(keep, other) for other in candidates.values()):
             continue
         graph = shrink(deps, keep)[0]
-        if graphs and graph_flops(graph)[0] < graph_flops(next(iter(graphs.values())))[0] - OVERSHOOT * full:
+        flops = graph_flops(graph)[0]
+        if first_flops is None:
+            first_flops = flops
+        elif flops < first_flops - OVERSHOOT * full:
             continue
         candidates[m], graphs[m] = keep, graph
     if not candidates:
