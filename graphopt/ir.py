@@ -315,9 +315,7 @@ class Graph:
         if node.graph is not self:
             raise GraphError("modify: the node belongs to another graph", node)
         inputs = list(inputs)
-        for value in inputs:  # _check_inputs, inlined: every canonical rewrite comes here
-            if value.graph is not self:
-                self._check_inputs(op, inputs, node)
+        self._check_inputs(op, inputs, node)
         in_types = [v.type for v in inputs]
         try:
             types, effects = op.signature(in_types, params, ())
