@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from graphopt.frameworks import adapt
-from graphopt.ir import Graph, gc_paused
+from graphopt.gc_pause import gc_paused
+from graphopt.ir import Graph
 from graphopt.lowering import cache, program_cache
 from graphopt.lowering.emit import lower
 from graphopt.lowering.fingerprint import fingerprint

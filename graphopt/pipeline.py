@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 from graphopt.cost import graph_stats
 from graphopt.errors import GraphoptError
-from graphopt.ir import gc_paused
+from graphopt.gc_pause import gc_paused
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,8 @@ from graphopt import _jax_compat as compat
 from graphopt import control_flow
 from graphopt.errors import TraceError
 from graphopt.frameworks import Adapted, adapt
-from graphopt.ir import Graph, Value, gc_paused
+from graphopt.gc_pause import gc_paused
+from graphopt.ir import Graph, Value
 from graphopt.provenance import Provenance, _library_dirs
 from graphopt.ops import primitive_op
 from graphopt.types import TensorType

@@ -33,7 +33,8 @@ import jax
 from graphopt import _jax_compat as compat
 from graphopt import implementations
 from graphopt.errors import GraphError, SignatureError
-from graphopt.ir import Graph, Node, gc_paused
+from graphopt.gc_pause import gc_paused
+from graphopt.ir import Graph, Node
 from graphopt.nn_ops import CompositeOp
 from graphopt.ops import OpDef, PrimitiveOp
 from graphopt.types import dtype_name

@@ -31,7 +31,8 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt.errors import GraphError
-from graphopt.ir import Graph, gc_paused
+from graphopt.gc_pause import gc_paused
+from graphopt.ir import Graph
 from graphopt.passes.prune.deps import Dependencies, PruneError
 from graphopt.types import TensorType
 
