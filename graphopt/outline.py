@@ -62,11 +62,11 @@ class OutlineError(GraphError):
 
 
 class Slice(list):
-    """What `outline_slice` returns: the nodes to outline in program order, the ids of those
-    computed from constants only (`constant_only`), and of all of them (`inside`)."""
+    """What `outline_slice` returns: the nodes to outline in program order, those computed from
+    constants only (`constant_only`), and all of them (`inside`, each mapped to True)."""
 
-    constant_only: set[int]
-    inside: dict[int, bool]
+    constant_only: set[Node]
+    inside: dict[Node, bool]
 
 
 def outline_slice(inputs: Sequence[Value], outputs: Sequence[Value]) -> Slice:
@@ -75,26 +75,19 @@ def outline_slice(inputs: Sequence[Value], outputs: Sequence[Value]) -> Slice:
     holds a node with effects, or computes a value (not an output, not constant-only) that is
     read outside."""
     order = _slice(inputs, outputs)
-    stop = {id(v) for v in inputs}
-    produced = {id(v) for v in outputs}
-    inside = order.inside
-    constant_only: set[int] = set()
-    for node in order:  # program order: operands' producers come first
-        for v in node.inputs:
-            if id(v) in stop or v.node is None or id(v.node) not in constant_only:
-                break
-        else:
-            constant_only.add(id(node))  # copied where others read it: no escape
-            continue
+    produced = set(outputs)  # nodes and values hash by identity
+    inside, constant_only = order.inside, order.constant_only
+    for node in order:
+        if node in constant_only:
+            continue  # copied where others read it: no escape
         for value in node.outputs:
-            if value.uses and id(value) not in produced:
+            if value.uses and value not in produced:
                 for reader, _ in value.uses:
-                    if reader is None or id(reader) not in inside:
+                    if reader not in inside:  # None (a graph output) is not
                         where = "is a graph output" if reader is None else f"is read by {reader.op.name}"
                         raise OutlineError(f"cannot outline: {node.op.name} computes a value that "
                                            f"{where} outside the outlined nodes; keep it or "
                                            "outline it too", reader if reader is not None else node)
-    order.constant_only = constant_only
     return order
 
 
@@ -127,33 +120,34 @@ def outline_into(node: Node, inputs: Sequence[Value], outputs: Sequence[Value],
     for old, new in zip(outputs, node.outputs):
         graph.replace_all_uses(old, new)
     region = Graph(name)
-    mapping: dict[int, Value] = {}  # id of a value outside -> the region's value standing for it
+    mapping: dict[Value, Value] = {}  # a value outside -> the region's value standing for it
     for value in inputs:
         arg = region.add_input(value.type, "input", _path(value))
-        mapping.setdefault(id(value), arg)  # the same operand twice: a second input, unused
+        mapping.setdefault(value, arg)  # the same operand twice: a second input, unused
     copied = _copied(order)
     moving = order
     if copied:  # copied first: copies never read a moved node (_copied copies their producers)
         moving = []
         for inner in order:
-            if id(inner) not in copied:
+            if inner not in copied:
                 moving.append(inner)
                 continue
-            copy = region.add_node(inner.op, [mapping.get(id(v), v) for v in inner.inputs],
+            copy = region.add_node(inner.op, [mapping.get(v, v) for v in inner.inputs],
                                    inner.params, [r.clone()[0] for r in inner.regions],
                                    inner.provenance, _types=[v.type for v in inner.outputs],
                                    _effects=inner.effects)
-            mapping.update(zip(map(id, inner.outputs), copy.outputs))
+            mapping.update(zip(inner.outputs, copy.outputs))
     region.move_to_end(moving, graph)
+    get = mapping.get
     for inner in moving:
         operands = inner.inputs
         for i, value in enumerate(operands):
-            moved = mapping.get(id(value))
+            moved = get(value)
             if moved is not None:  # an operand or a copy: the same type
                 del value.uses[(inner, i)]
                 operands[i] = moved
                 moved.uses[(inner, i)] = None
-    region.set_outputs([mapping.get(id(v), v) for v in outputs])
+    region.set_outputs([get(v, v) for v in outputs])
     graph.set_regions(node, [region])
     return region
 
@@ -168,34 +162,41 @@ def _slice(inputs: Sequence[Value], outputs: Sequence[Value]) -> Slice:
     for value in (*inputs, *outputs):
         if value.graph is not graph:
             raise OutlineError("cannot outline: the values belong to different graphs")
-    stop = {id(v) for v in inputs}
+    stop = set(inputs)  # values and nodes hash by identity
     order = Slice()
-    # Iterative post-order DFS: producers of operands before the node. state: id -> False once
-    # the node's operands are pushed, True once it is in `order`.
-    state: dict[int, bool] = {}
+    # Iterative post-order DFS: producers of operands before the node. state: node -> False once
+    # its operands are pushed, True once it is in `order`. A node goes into `order` after its
+    # producers, so whether it is computed from constants only is known then.
+    state: dict[Node, bool] = {}
+    constant_only: set[Node] = set()
     stack: list[Node] = []
     for value in reversed(outputs):
-        if id(value) not in stop:
+        if value not in stop:
             stack.append(_producer(value, None))
     while stack:
         node = stack[-1]
-        done = state.get(id(node))
+        done = state.get(node)
         if done is not None:
             stack.pop()
             if not done:
-                state[id(node)] = True
+                state[node] = True
                 order.append(node)
+                for v in node.inputs:
+                    if v.node not in constant_only or v in stop:  # None (an argument) is not in it
+                        break
+                else:
+                    constant_only.add(node)
             continue
-        state[id(node)] = False
+        state[node] = False
         if node.effects:
             raise OutlineError(f"cannot outline: {node.op.name} has effects "
                                f"({', '.join(sorted(map(str, node.effects)))})", node)
         for value in reversed(node.inputs):
-            if id(value) not in stop:
+            if value not in stop:
                 producer = _producer(value, node)
-                if id(producer) not in state:
+                if producer not in state:
                     stack.append(producer)
-    order.inside = state
+    order.inside, order.constant_only = state, constant_only
     return order
 
 
@@ -206,21 +207,21 @@ def _producer(value: Value, reader: Node | None) -> Node:
     return value.node
 
 
-def _copied(order: Slice) -> set[int]:
-    """ids of the constant-only nodes of the slice read by something that stays outside (once
-    the outputs' readers are rewired): they are copied into the region, the originals stay."""
+def _copied(order: Slice) -> set[Node]:
+    """The constant-only nodes of the slice read by something that stays outside (once the
+    outputs' readers are rewired): they are copied into the region, the originals stay."""
     constant_only = order.constant_only
     if not constant_only:
         return constant_only
     moving = order.inside
-    copied: set[int] = set()
+    copied: set[Node] = set()
     for node in reversed(order):  # readers first: a reader that stays keeps its operands
-        if id(node) not in constant_only:
+        if node not in constant_only:
             continue
         for value in node.outputs:  # plain loops: this runs for every op raise_ops raises
             for reader, _ in value.uses:
-                if reader is None or id(reader) not in moving or id(reader) in copied:
-                    copied.add(id(node))
+                if reader not in moving or reader in copied:  # None (a graph output) is not in it
+                    copied.add(node)
                     break
     return copied
 
