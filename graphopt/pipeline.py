@@ -228,19 +228,26 @@ class Report:
         return report_html(self)
 
     def __rich__(self):
-        from rich.table import Table
+        from rich.table import Column, Table
 
-        table = Table("pass", "contract", "nodes", "FLOPs", "bytes", "ms", "error", "rules fired",
-                      title="graphopt pipeline", title_justify="left")
+        # Numbers never wrap; one rule per line; long words (approximate(0.0001)) fold, never
+        # cropped. The error column only when translation validation measured one.
+        number = dict(no_wrap=True, justify="right")
+        errors = any(r.error is not None for r in self.records)
+        columns = [Column("pass", no_wrap=True), Column("contract", overflow="fold"),
+                   Column("nodes", **number), Column("FLOPs", **number), Column("bytes", **number),
+                   Column("ms", **number), *([Column("error", **number)] if errors else []),
+                   Column("rules fired", overflow="fold")]
+        table = Table(*columns, title="graphopt pipeline", title_justify="left")
         for r in self.records:
             # "canonicalize/neg-neg" is shown as "neg-neg" on the canonicalize row
-            rules = ", ".join(f"{k.removeprefix(r.name + '/')}×{v}" for k, v in r.fired.most_common(4))
+            rules = [f"{k.removeprefix(r.name + '/')}×{v}" for k, v in r.fired.most_common(4)]
             if len(r.fired) > 4:
-                rules += f", +{len(r.fired) - 4} more"
-            error = "" if r.error is None else f"{r.error:.2g}"
+                rules.append(f"+{len(r.fired) - 4} more")
+            error = [("" if r.error is None else f"{r.error:.2g}")] if errors else []
             name = r.name if r.status == "ok" else f"{r.name} ({r.status})"
             table.add_row(name, r.contract, _arrow(*r.nodes), _arrow(*r.flops, _count), _arrow(*r.bytes, size_str),
-                          f"{r.seconds * 1e3:.1f}", error, rules)
+                          f"{r.seconds * 1e3:.1f}", *error, "\n".join(rules))
         return table
 
     def __str__(self):
@@ -254,7 +261,15 @@ class Report:
 
 
 def _arrow(before: int, after: int, fmt=lambda n: f"{n:,}") -> str:
-    return fmt(before) if before == after else f"{fmt(before)} → {fmt(after)}"
+    """`before → after`, or one figure if they are equal; a unit both share is written once
+    (`3.34 → 3.37 MiB`)."""
+    if before == after:
+        return fmt(before)
+    old, new = fmt(before), fmt(after)
+    old_number, _, old_unit = old.rpartition(" ")
+    if old_unit and old_number and new.endswith(" " + old_unit):
+        return f"{old_number} → {new}"
+    return f"{old} → {new}"
 
 
 def _count(n: float) -> str:

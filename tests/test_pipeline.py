@@ -83,6 +83,26 @@ def test_options_reach_the_pass_and_the_report_counts(temporary_pass):
     assert "test_scale" in text and "approximate(0.01)" in text and "test/scaled×2" in text
 
 
+def test_report_table_keeps_every_word_and_shows_error_only_when_measured():
+    g = graphopt.trace(lambda x: jnp.sin(x) / 2.0 + jnp.cos(x) * 1.0, jnp.ones((3, 4)))
+    report = run_pipeline(g, ["canonicalize", "dce"]).report
+    text = str(report)
+    header = text.splitlines()[2]
+    assert "rules fired" in header and "error" not in header  # no validation ran
+    rules = [f"{k.removeprefix('canonicalize/')}×{v}" for k, v in report.records[0].fired.items()]
+    assert rules and all(rule in text for rule in rules)  # one per line, none cropped
+    report.records[0].error = 1.5e-7
+    assert "error" in str(report).splitlines()[2] and "1.5e-07" in str(report)
+
+
+def test_arrow_writes_a_shared_unit_once():
+    from graphopt.pipeline import _arrow, size_str
+
+    assert _arrow(3 * 2**20, 4 * 2**20, size_str) == "3 → 4 MiB"
+    assert _arrow(512, 4 * 2**20, size_str) == "512 B → 4 MiB"
+    assert _arrow(5, 5) == "5" and _arrow(1000, 2000) == "1,000 → 2,000"
+
+
 def test_debug_mode_verifies_after_every_pass(temporary_pass):
     def corrupt(graph, ctx):
         sin = next(n for n in graph.nodes if n.op.name == "sin")
