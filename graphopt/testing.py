@@ -1,10 +1,13 @@
 """Testing utilities for graphopt.
 
-Three tools, meant to be used together:
+Four tools, meant to be used together:
 
 * :func:`assert_equivalent` compares two pytrees of arrays: structure,
   shapes, dtypes, then values (NaN-aware, Inf-sign-aware, optionally
   bit-exact including the sign of zero), with per-dtype :data:`TOLERANCES`.
+* :func:`assert_matches_reference` compares a jitted function with a jitted
+  reference, and tells a real mismatch from one XLA's compiler makes
+  (:class:`CompiledDifferently`: the two agree run op by op).
 * :func:`equivalence_check` traces a function with :func:`graphopt.trace`,
   verifies the graph, lowers it back with :func:`graphopt.lower`, and checks
   the result against the original, both under ``jax.jit``.
@@ -36,7 +39,8 @@ from graphopt.random_program import Program, arrays
 from graphopt.testing_programs import OP_FAMILIES, programs
 
 __all__ = [
-    "TOLERANCES", "tolerance", "assert_equivalent", "equivalence_check", "primitives",
+    "TOLERANCES", "tolerance", "assert_equivalent", "assert_matches_reference", "CompiledDifferently",
+    "equivalence_check", "primitives",
     "primitive_counts", "programs", "arrays", "Program", "OP_FAMILIES",
 ]
 
@@ -194,6 +198,40 @@ def assert_equivalent(actual: Any, expected: Any, *, rtol: float | None = None,
                              + "\n".join(problems))
 
 
+class CompiledDifferently(AssertionError):
+    """Two functions that agree bit for bit run op by op (`jax.disable_jit`) disagree compiled:
+    XLA compiled their (different but equivalent) programs to different results. Seen with
+    jaxlib 0.10.2 on CPU: its simplifier folds `sign(-0.0)` of a literal to +0.0 (at run time,
+    and inside a nested jit, -0.0), and `exp(acosh(-clamp(...)))` of out-of-domain integers
+    gives arbitrary values, different in each compile. Property tests reject such examples."""
+
+
+def assert_matches_reference(actual_fn: Callable, reference_fn: Callable, *args, actual_args=None,
+                             static_argnums=(), err_msg: str = "", **tolerances) -> Any:
+    """assert_equivalent(jax.jit(actual_fn)(*actual_args), jax.jit(reference_fn)(*args),
+    **tolerances) (`actual_args` default: `args`); returns the reference's result. On a mismatch
+    both run again op by op: if they agree there bit for bit, the difference is XLA's
+    (CompiledDifferently), else the mismatch is raised as is.
+
+    >>> import jax.numpy as jnp
+    >>> _ = assert_matches_reference(lambda x: x + x, lambda x: x * 2, jnp.float32(1.0), exact=True)
+    """
+    actual_args = args if actual_args is None else actual_args
+    expected = jax.jit(reference_fn, static_argnums=static_argnums)(*args)
+    try:
+        assert_equivalent(jax.jit(actual_fn)(*actual_args), expected, err_msg=err_msg, **tolerances)
+    except AssertionError as mismatch:
+        with jax.disable_jit():
+            op_by_op = actual_fn(*actual_args), reference_fn(*args)
+        try:
+            assert_equivalent(*op_by_op, exact=True)
+        except AssertionError:
+            raise mismatch from None
+        raise CompiledDifferently(f"{mismatch}\nRun op by op (jax.disable_jit) the two agree bit for "
+                                  "bit: XLA compiled them to different results") from None
+    return expected
+
+
 def primitives(fn: Callable, *args) -> set[str]:
     """Names of all primitives in ``jax.make_jaxpr(fn)(*args)``, nested jaxprs included.
 
@@ -228,7 +266,9 @@ def equivalence_check(fn: Callable, *args, exact: bool = True, rtol: float | Non
 
     Traces ``fn`` at ``args`` with :func:`graphopt.trace`, runs
     ``graph.verify()``, lowers with :func:`graphopt.lower` and compares
-    ``jax.jit(lowered)`` to ``jax.jit(fn)`` with :func:`assert_equivalent`.
+    ``jax.jit(lowered)`` to ``jax.jit(fn)`` with :func:`assert_matches_reference`
+    (:func:`assert_equivalent`; :class:`CompiledDifferently` where the two
+    agree run op by op and only XLA's compiled programs differ).
     ``fn`` may be anything ``graphopt.trace`` accepts (a function, a linen
     ``apply``, an nnx or Equinox module); the lowered function is called the
     way graphopt documents: without static arguments, and for modules with
@@ -252,8 +292,7 @@ def equivalence_check(fn: Callable, *args, exact: bool = True, rtol: float | Non
     static = {i % len(args) for i in ((static_argnums,) if isinstance(static_argnums, int)
                                       else static_argnums)}
     dynamic = tuple(a for i, a in enumerate(args) if i not in static)
-    expected = jax.jit(fn, static_argnums=tuple(static))(*args)
-    actual = jax.jit(lowered)(*adapt(fn, dynamic, params_argnums).args)
-    assert_equivalent(actual, expected, exact=exact, rtol=rtol, atol=atol,
-                      err_msg=f"graphopt.lower(graphopt.trace(fn)) differs from fn = {fn!r}")
+    assert_matches_reference(lowered, fn, *args, actual_args=adapt(fn, dynamic, params_argnums).args,
+                             static_argnums=tuple(static), exact=exact, rtol=rtol, atol=atol,
+                             err_msg=f"graphopt.lower(graphopt.trace(fn)) differs from fn = {fn!r}")
     return graph

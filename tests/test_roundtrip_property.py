@@ -21,8 +21,8 @@ from hypothesis.errors import NoSuchExample
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt.testing import (OP_FAMILIES, assert_equivalent, equivalence_check, primitives,
-                              programs)
+from graphopt.testing import (OP_FAMILIES, CompiledDifferently, assert_matches_reference,
+                              equivalence_check, primitives, programs)
 from graphopt.random_program import Lit
 
 # Primitives each op family must be able to emit. The coverage test below
@@ -58,7 +58,10 @@ _SEARCH = settings(max_examples=400, phases=[Phase.generate], database=None, dea
 def test_trace_lower_roundtrip_is_exact(program, data):
     # Which arguments count as parameters changes roles and names, never values.
     params = data.draw(st.sampled_from([None, (0,), (len(program.args) - 1,)]), "params_argnums")
-    equivalence_check(program, *program.args, params_argnums=params)
+    try:
+        equivalence_check(program, *program.args, params_argnums=params)
+    except CompiledDifferently:
+        assume(False)  # equal op by op; XLA compiles the two programs differently
 
 
 # vmap and vjp re-check what the plain round trip covers, plus the transformation
@@ -74,8 +77,17 @@ def test_roundtrip_commutes_with_vmap(program):
     batched = jax.tree.map(lambda x: np.stack([x, np.flip(x)]) if isinstance(x, np.ndarray) else x,
                            program.args)
     lowered = graphopt.lower(graphopt.trace(program, *program.args))
-    vmapped = lambda fn: jax.jit(jax.vmap(fn, in_axes=axes, axis_size=2))
-    assert_equivalent(vmapped(lowered)(*batched), vmapped(program)(*batched), exact=True)
+    vmapped = lambda fn: jax.vmap(fn, in_axes=axes, axis_size=2)
+    try:
+        jax.eval_shape(vmapped(program), *batched)
+    except (NotImplementedError, ValueError, TypeError):
+        # JAX itself cannot batch this program: in jax 0.10.2 clamp with an unbatched rank-0
+        # operand and a batched bound raises a TypeError in its batching rule.
+        assume(False)
+    try:
+        assert_matches_reference(vmapped(lowered), vmapped(program), *batched, exact=True)
+    except CompiledDifferently:
+        assume(False)  # equal op by op; XLA compiles the two programs differently
 
 
 def _vjp_of_float_args(fn, args):
@@ -108,7 +120,7 @@ def _ones_cotangent(y):
 def test_roundtrip_commutes_with_vjp(program):
     expected_fn, primals = _vjp_of_float_args(program, program.args)
     try:
-        expected = expected_fn(*primals)
+        expected_fn(*primals)
     except (NotImplementedError, ValueError, TypeError):
         # JAX itself cannot differentiate this program: nextafter has no rule; a while
         # loop with a dynamic trip count has no transpose; and in jax 0.10.2 clamp with
@@ -117,7 +129,10 @@ def test_roundtrip_commutes_with_vjp(program):
         assume(False)
     lowered = graphopt.lower(graphopt.trace(program, *program.args))
     actual_fn, _ = _vjp_of_float_args(lowered, program.args)
-    assert_equivalent(actual_fn(*primals), expected, exact=True)
+    try:
+        assert_matches_reference(actual_fn, expected_fn, *primals, exact=True)
+    except CompiledDifferently:
+        assume(False)  # equal op by op; XLA compiles the two programs differently
 
 
 def test_families_table_matches_generator():

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 
 import graphopt
-from graphopt.testing import (TOLERANCES, assert_equivalent, equivalence_check, primitives,
-                              programs, tolerance)
+from graphopt.testing import (TOLERANCES, CompiledDifferently, assert_equivalent,
+                              assert_matches_reference, equivalence_check, primitives, programs,
+                              tolerance)
 
 F32, BF16 = np.float32, ml_dtypes.bfloat16
 nan, inf = math.nan, math.inf
@@ -163,9 +164,29 @@ def test_equivalence_check_catches_a_wrong_lowering(monkeypatch):
         return lambda *args: jax.tree.map(lambda y: jnp.nextafter(y, jnp.inf), fn(*args))
 
     monkeypatch.setattr(graphopt, "lower", off_by_one_ulp)
-    with pytest.raises(AssertionError, match="differs from fn"):
+    with pytest.raises(AssertionError, match="differs from fn") as caught:
         equivalence_check(jnp.sin, jnp.arange(3.0))
+    assert caught.type is AssertionError  # the reference is reproducible: the lowering is wrong
     equivalence_check(jnp.sin, jnp.arange(3.0), exact=False)  # one ulp is within tolerance
+
+
+def test_a_difference_only_xla_makes_is_told_apart():
+    # Equal op by op, different compiled: a function that sees whether it is being traced.
+    def knows_jit(x):
+        try:
+            x.sum().item()  # concrete: run op by op
+            return x
+        except jax.errors.ConcretizationTypeError:
+            return x + 1.0
+
+    x = jnp.zeros(3)
+    with pytest.raises(CompiledDifferently, match="agree bit for bit"):
+        assert_matches_reference(knows_jit, lambda x: x, x, exact=True)
+    same = assert_matches_reference(lambda x: x + x, lambda x: x * 2, x + 1, exact=True)
+    assert_equivalent(same, x + 2, exact=True)  # the reference's result
+    with pytest.raises(AssertionError, match="1 of 1 leaves differ") as caught:  # differs op by op too
+        assert_matches_reference(lambda x: x + 2, lambda x: x + 1, x, exact=True)
+    assert caught.type is AssertionError
 
 
 @settings(max_examples=10)
