@@ -122,9 +122,12 @@ def time_graphs(graphs: dict, *, repeats: int = 5, seed: int = 0, sample_seconds
     compile maps to the exception it raised. Given a dict `temp_bytes`, also fills it with each
     compiled graph's temporary memory (XLA's memory analysis; absent where it has none).
 
-    Compilation is not timed; one warm-up run is. Each of the `repeats` samples times enough
+    Neither compilation nor the warm-up run counts. Each of the `repeats` samples times enough
     back-to-back calls to last about `sample_seconds` (a 20 µs kernel is timed over ~100 calls,
-    so the timer's resolution and the call overhead do not decide between candidates). Samples
+    so the timer's resolution and the call overhead do not decide between candidates); how many,
+    a second run after the warm-up tells, or the warm-up itself where it lasts 10 samples or more
+    (one call per sample then: at 8192 tokens on CPU, a second run would add a second or more per
+    candidate). Samples
     are interleaved (round-robin), so a change of machine load hits every candidate alike. Uses
     the lowering (imported here: graphopt/ may, as param_prep does; passes/ may not), so what is
     timed is what the program will run.
@@ -145,16 +148,20 @@ def _time_graphs(graphs: dict, repeats: int, seed: int, sample_seconds: float, t
         args = [_random(rng, a.type) for a in graph.inputs]
         try:
             compiled = jax.jit(lower(graph).flat).lower(*args).compile()
+            start = time.perf_counter()
             jax.block_until_ready(compiled(*args))
+            once = time.perf_counter() - start
         except Exception as err:  # e.g. cuDNN refusing a shape at compile time
             results[label] = err
             continue
         memory = None if temp_bytes is None else compiled.memory_analysis()
         if memory is not None:
             temp_bytes[label] = int(memory.temp_size_in_bytes)
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        calls = int(min(1000, max(1, sample_seconds // max(time.perf_counter() - start, 1e-7))))
+        if once < 10 * sample_seconds:  # a short run: time one past the first run's one-time costs
+            start = time.perf_counter()  # (a long one is timed one call per sample anyway)
+            jax.block_until_ready(compiled(*args))
+            once = time.perf_counter() - start
+        calls = int(min(1000, max(1, sample_seconds // max(once, 1e-7))))
         runs[label] = (compiled, args, calls, [])
     for _ in range(max(1, repeats)):
         for compiled, args, calls, times in runs.values():
