@@ -124,13 +124,12 @@ def time_graphs(graphs: dict, *, repeats: int = 5, seed: int = 0, sample_seconds
 
     Neither compilation nor the warm-up run counts. Each of the `repeats` samples times enough
     back-to-back calls to last about `sample_seconds` (a 20 µs kernel is timed over ~100 calls,
-    so the timer's resolution and the call overhead do not decide between candidates); how many,
-    a second run after the warm-up tells, or the warm-up itself where it lasts 10 samples or more
-    (one call per sample then: at 8192 tokens on CPU, a second run would add a second or more per
-    candidate). Samples
-    are interleaved (round-robin), so a change of machine load hits every candidate alike. Uses
-    the lowering (imported here: graphopt/ may, as param_prep does; passes/ may not), so what is
-    timed is what the program will run.
+    so the timer's resolution and the call overhead do not decide between candidates). A second
+    run after the warm-up tells how many; where the warm-up itself lasts 10 samples or more, it
+    does (one call per sample: at 8192 tokens on CPU a second run would cost a second or more per
+    candidate). Samples are interleaved (round-robin), so a change of machine load hits every
+    candidate alike. Uses the lowering (imported here: graphopt/ may, as param_prep does; passes/
+    may not), so what is timed is what the program will run.
     """
     # Under an outer trace (a user's jax.jit of an optimized model) JAX would stage these runs
     # into the caller's program; measure eagerly instead.
