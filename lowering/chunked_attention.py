@@ -15,9 +15,10 @@ scores (mask and causal) set to `mask_value` (or the library's fill), softmax ov
 fully masked row averages v as the decomposition does. The sums run in another order than one
 softmax over the whole row: results differ in the last bits (fuse_attention's approximate
 contract). Not supported: keys that no block divides or fewer than two blocks (nothing to save),
-and the fills the other kernels refuse (see `lowering.kernels`). It is an inference kernel:
-gradients through the scan are right, but the backward pass keeps every block's weights, as
-much memory as the scores (the training pipeline does not run fuse_attention).
+and the fills the other kernels refuse (see `lowering.kernels`). Gradients: the scan body is
+rematerialized (`jax.checkpoint`), so the backward keeps each block's carry, not its weights, and
+its memory is linear in the sequence too (a 2-core CPU, causal [1, T, 4, 32] f32: 92 MiB of
+temporaries at T=2048 and 192 MiB at 4096, where without remat it was 204 and 705 MiB).
 
 Example:
     >>> import graphopt.implementations as impls
@@ -101,7 +102,7 @@ def attention_chunked(q, k, v, *extra, regions, **p):
     Hv = v4.shape[-1]
     init = (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
             jnp.zeros((B, K, G, T, Hv), jnp.float32))
-    (_, total, acc), _ = lax.scan(step, init, {name: x for name, x in xs.items() if x is not None})
+    (_, total, acc), _ = lax.scan(jax.checkpoint(step), init, {name: x for name, x in xs.items() if x is not None})
     out = (acc / total[..., None]).astype(v4.dtype)
     out = jnp.moveaxis(out, 3, 1).reshape(B, T, N, Hv)
     return [from_library(out, q, p["layout"])]
