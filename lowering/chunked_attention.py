@@ -102,7 +102,8 @@ def attention_chunked(q, k, v, *extra, regions, **p):
     Hv = v4.shape[-1]
     init = (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
             jnp.zeros((B, K, G, T, Hv), jnp.float32))
-    (_, total, acc), _ = lax.scan(jax.checkpoint(step), init, {name: x for name, x in xs.items() if x is not None})
+    xs = {name: x for name, x in xs.items() if x is not None}
+    (_, total, acc), _ = lax.scan(jax.checkpoint(step), init, xs)  # remat: the backward keeps carries only
     out = (acc / total[..., None]).astype(v4.dtype)
     out = jnp.moveaxis(out, 3, 1).reshape(B, T, N, Hv)
     return [from_library(out, q, p["layout"])]
