@@ -53,6 +53,10 @@ class Provenance:
         """The same origin, marked as rewritten by pass `made_by`."""
         return Provenance(self.module_path, self._traceback, made_by, self._source)
 
+    def moved(self, module_path: str) -> "Provenance":
+        """The same, in another module (a copy of a layer's node made for another layer)."""
+        return Provenance(module_path, self._traceback, self.made_by, self._source)
+
     def describe(self) -> str:
         parts = [p for p in (self.module_path, self.source) if p]
         if self.made_by:
