@@ -62,18 +62,25 @@ class PassInfo:
     fn: Callable
     contract: Contract
     description: str
+    layerwise: bool = False  # treats every copy of a repeated layer alike (see graphopt.stamp)
 
 
 PASSES: dict[str, PassInfo] = {}
 
 
-def register_pass(name: str, *, contract: Contract = EXACT):
-    """Decorator registering `fn(graph, ctx, **options) -> Graph` under `name`."""
+def register_pass(name: str, *, contract: Contract = EXACT, layerwise: bool = False):
+    """Decorator registering `fn(graph, ctx, **options) -> Graph` under `name`.
+
+    `layerwise=True` says that what the pass does to one layer of an unrolled model depends only
+    on that layer and the values it reads, never on how many layers there are or on a global
+    measure (a memory budget, a calibration over the whole model): the pipeline may then run it
+    on three layers of many and copy the result (graphopt.stamp).
+    """
     def decorate(fn):
         if name in PASSES and PASSES[name].fn is not fn:
             raise GraphoptError(f"a pass named {name!r} is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()
-        PASSES[name] = PassInfo(name, fn, contract, doc[0] if doc else "")
+        PASSES[name] = PassInfo(name, fn, contract, doc[0] if doc else "", layerwise)
         return fn
     return decorate
 
@@ -295,15 +302,39 @@ class PipelineResult:
     report: Report
 
 
+# Graphs from this many nodes up have their repeated layers stamped (graphopt.stamp).
+STAMP_MIN_NODES = 5000
+
+
 def run_pipeline(graph, pipeline: PipelineSpec = "default", *, disable: Sequence[str] = (),
-                 debug: bool = False, validator=None) -> PipelineResult:
+                 debug: bool = False, validator=None,
+                 stamp_min_nodes: int | None = STAMP_MIN_NODES) -> PipelineResult:
     """Run the passes of `pipeline` over `graph` (in place) and report on each.
 
     `debug=True` runs `graph.verify()` after every pass. `validator` (see graphopt.validate) checks
     each pass's result against the graph before it and may revert the pass.
+
+    In a graph of `stamp_min_nodes` nodes or more (None: never) whose layers repeat, the leading
+    layerwise passes run on three of the layers, whose result is copied to the others
+    (graphopt.stamp); the graph given is then left as it was. Use the result's graph. Not with a
+    validator, which checks every pass on the whole graph.
     """
     with gc_paused():  # the whole run: between passes too (the report walks the graph)
-        return _run(graph, resolve(pipeline, disable), debug, validator)
+        passes, records = resolve(pipeline, disable), []
+        head = next((i for i, (info, _) in enumerate(passes) if not info.layerwise), len(passes))
+        if stamp_min_nodes is not None and validator is None and head:
+            from graphopt.stamp import run_layerwise
+
+            stamped = run_layerwise(graph, passes[:head], lambda g, p: _run(g, p, debug, None),
+                                    min_nodes=stamp_min_nodes)
+            if stamped is not None:
+                graph, records = stamped
+                passes = passes[head:]
+                if debug:
+                    graph.verify()
+        result = _run(graph, passes, debug, validator)
+        result.report.records[:0] = records
+        return result
 
 
 def _run(graph, passes, debug, validator) -> PipelineResult:

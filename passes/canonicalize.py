@@ -44,7 +44,7 @@ from graphopt.pattern import Const, Op, Rule, Var, constant_value, rewrite
 from graphopt.pipeline import register_pass
 
 
-@register_pass("canonicalize")
+@register_pass("canonicalize", layerwise=True)
 def canonicalize(graph, ctx, dots: bool = False):
     """Rewrite equivalent forms to one spelling, bit for bit (see the module docstring).
 

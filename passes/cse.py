@@ -49,7 +49,7 @@ MAX_HASHED_CONSTANT_BYTES = 16 << 20
 NEVER_MERGED = frozenset({"rng_uniform", "optimization_barrier"})
 
 
-@register_pass("cse")
+@register_pass("cse", layerwise=True)
 def cse(graph, ctx):
     """Merge nodes that compute the same value (same op, params and inputs) into the first one.
 

@@ -19,7 +19,7 @@ from graphopt.ir import is_read
 from graphopt.pipeline import register_pass
 
 
-@register_pass("dce")
+@register_pass("dce", layerwise=True)
 def dce(graph, ctx):
     """Remove nodes whose results are unused and that have no effects."""
     removed = _dce(graph)

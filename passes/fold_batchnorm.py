@@ -65,7 +65,7 @@ from graphopt.pipeline import approximate, register_pass
 BOUND = 1e-4
 
 
-@register_pass("fold_batchnorm", contract=approximate(BOUND))
+@register_pass("fold_batchnorm", contract=approximate(BOUND), layerwise=True)
 def fold_batchnorm(graph, ctx):
     """Fold per-channel affines on parameters (inference BatchNorm) into conv/matmul weights.
 

@@ -70,7 +70,7 @@ NEVER_FOLDED = frozenset({
 MAX_EVAL_BYTES = 1 << 20
 
 
-@register_pass("fold_constants")
+@register_pass("fold_constants", layerwise=True)
 def fold_constants(graph, ctx, max_bytes: int = 64 << 10):
     """Replace nodes whose inputs are all constants by constants holding their results.
 

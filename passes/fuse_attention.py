@@ -82,7 +82,7 @@ STATIC_PREFERENCE: dict[str, tuple[str, ...]] = {
 _MEASURED: dict[tuple, tuple | Exception] = {}
 
 
-@register_pass("fuse_attention", contract=approximate(BOUND))
+@register_pass("fuse_attention", contract=approximate(BOUND), layerwise=True)
 def fuse_attention(graph, ctx, *, backend: str | None = None, measure: bool = True, repeats: int = 5,
                    margin: float = 0.05, timer=None):
     """Set each attention node's implementation to the fastest supported kernel, or keep None."""

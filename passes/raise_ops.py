@@ -53,7 +53,7 @@ from graphopt.recognize import (AnyOf, Broadcast, Kept, Maybe, Mean, Scalar, con
 from graphopt.recognize_attention import raise_attention
 
 
-@register_pass("raise_ops")
+@register_pass("raise_ops", layerwise=True)
 def raise_ops(graph, ctx):
     """Wrap recognized primitive sub-graphs into softmax, gelu, ..., attention nodes (bit-exact).
 
