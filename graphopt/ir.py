@@ -266,13 +266,14 @@ class Graph:
         copy.set_outputs([mapping[id(v)] for v in self.outputs])
         return copy
 
-    def add_copy(self, node: Node, inputs: Sequence[Value], provenance: Provenance | None = None) -> Node:
+    def add_copy(self, node: Node, inputs: Sequence[Value], provenance: Provenance | None = None, *,
+                 before: Node | None = None) -> Node:
         """Insert, as add_node does, a copy of `node` (from any graph) that reads `inputs`, with
         its regions cloned. Its types, effects and FLOPs are the node's: nothing is recomputed."""
         inputs = list(inputs)
         self._check_inputs(node.op, inputs)
         new = _copy_node(self, node, inputs, provenance, {})
-        self._link(new, None, None)
+        self._link(new, before, None)
         return new
 
     # --- rewriting -----------------------------------------------------------------------------

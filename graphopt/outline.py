@@ -132,10 +132,7 @@ def outline_into(node: Node, inputs: Sequence[Value], outputs: Sequence[Value],
             if inner not in copied:
                 moving.append(inner)
                 continue
-            copy = region.add_node(inner.op, [mapping.get(v, v) for v in inner.inputs],
-                                   inner.params, [r.clone()[0] for r in inner.regions],
-                                   inner.provenance, _types=[v.type for v in inner.outputs],
-                                   _effects=inner.effects)
+            copy = region.add_copy(inner, [mapping.get(v, v) for v in inner.inputs])
             mapping.update(zip(inner.outputs, copy.outputs))
     region.move_to_end(moving, graph)
     get = mapping.get

@@ -108,8 +108,7 @@ def _extend_prep(graph, derived):
     prep_values = {id(p): v for p, v in zip(params, outputs)}
     for node in _derived_nodes(derived):
         inputs = [_in_prep(value, prep, prep_values) for value in node.inputs]
-        copy = prep.add_node(node.op, inputs, node.params, (), node.provenance,
-                             _types=[v.type for v in node.outputs], _effects=node.effects)
+        copy = prep.add_copy(node, inputs)
         for old, new in zip(node.outputs, copy.outputs):
             prep_values[id(old)] = new
     return prep, prep_values
@@ -122,8 +121,7 @@ def _in_prep(value, prep, prep_values):
     if found is None:
         node = value.node
         inputs = [_in_prep(v, prep, prep_values) for v in node.inputs]
-        copy = prep.add_node(node.op, inputs, node.params, (), node.provenance,
-                             _types=[v.type for v in node.outputs], _effects=node.effects)
+        copy = prep.add_copy(node, inputs)
         prep_values.update(zip(map(id, node.outputs), copy.outputs))
         found = prep_values[id(value)]
     return found
