@@ -20,6 +20,7 @@ from jax._src import core as _core
 from jax._src import source_info_util as _source_info
 from jax._src import ad_checkpoint as _ad_checkpoint
 from jax._src import custom_derivatives as _custom
+from jax._src import linear_util as _linear_util
 from jax._src.lax import lax as _lax_internal
 from jax._src.lax.control_flow import conditionals as _conditionals
 from jax._src.lax.control_flow import loops as _loops
@@ -31,6 +32,9 @@ ClosedJaxpr = getattr(_core, "ClosedJaxpr", None)
 Literal = _core.Literal
 DropVar = _core.DropVar
 ShapedArray = _core.ShapedArray
+
+# A function JAX wrapped for later tracing (a custom_jvp call's derivative rule is one).
+WrappedFun = _linear_util.WrappedFun
 
 SCAN = _loops.scan_p
 WHILE = _loops.while_p

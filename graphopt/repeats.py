@@ -12,8 +12,8 @@ values: the residual stream), and values shared by all (inputs, constants, a mas
     ...                                 instances 2 .. K-1, then the suffix
 
 `find_repeat(graph)` finds the longest such run among the top-level nodes and checks it exactly:
-the same ops with the same params (constants by value) and types at the same place in every
-instance, the same wiring inside an instance and from the instance before, the same shared values,
+the same ops with the same params (constants by value), regions (by structure) and types at the
+same place in every instance, the same wiring inside an instance and from the instance before, the same shared values,
 and parameters of the same types at the same places. The suffix may read only the last instance.
 graphopt.stamp uses it to optimize one instance and copy the result to the others.
 
@@ -35,6 +35,7 @@ import dataclasses
 
 import numpy as np
 
+from graphopt import _jax_compat as compat
 from graphopt.ir import Argument, Graph, Node, Value
 from graphopt.ops import params_key
 
@@ -66,17 +67,15 @@ class Repeat:
 
 def find_repeat(graph: Graph, *, min_count: int = 4) -> Repeat | None:
     """The longest run of at least `min_count` identical instances among the top-level nodes, or
-    None. Nodes with regions or effects are never part of an instance."""
+    None. Nodes with effects are never part of an instance."""
     nodes = list(graph.nodes)
     position = {id(node): i for i, node in enumerate(nodes)}
     keys = _key_ids(nodes)
     coarse = _coarse_ids(nodes, keys)
-    period = _period(coarse, min_count)
-    if period is None:
+    found = _period_and_run(coarse, min_count)
+    if found is None:
         return None
-    first, end = _longest_run(coarse, period)
-    if (end - first) // period < min_count:
-        return None
+    period, first, end = found
     start = first + _rotation(nodes, position, first, end, period)
     count = (end - start) // period
     exact = _exact_ids(nodes, keys, position, start, count, period)
@@ -94,8 +93,9 @@ def find_repeat(graph: Graph, *, min_count: int = 4) -> Repeat | None:
 # --- signatures ----------------------------------------------------------------------------------
 
 def _key_ids(nodes) -> list[int]:
-    """Per node, an id for what it is apart from its operands: op and params (constants by value).
-    Nodes with regions or effects, or with params that cannot be keyed, get an id of their own.
+    """Per node, an id for what it is apart from its operands: op, params (constants by value) and
+    regions (by structure: a `custom_jvp` activation in every layer). Nodes with effects, or with
+    params or regions that cannot be keyed, get an id of their own.
 
     Types need no key: alike operands (the same node of the instance, or the same value) have
     alike types, so alike nodes do; where they are parameters, _exact_ids keys their types."""
@@ -103,7 +103,12 @@ def _key_ids(nodes) -> list[int]:
     out = []
     for node in nodes:
         key = None
-        if not node.regions and not node.effects:
+        if node.regions and not node.effects:
+            regions = tuple([_region_key(r) for r in node.regions])
+            exact = node_params_key(node)
+            if exact is not None and None not in regions:
+                key = (node.op, exact, regions)
+        elif not node.effects:
             params = node.params
             # Python's == on the params is exact (and several times cheaper than params_key) but
             # for floats (-0.0 == 0.0) and for bools in tuples ((True,) == (1,)).
@@ -119,6 +124,59 @@ def _key_ids(nodes) -> list[int]:
                 key = (node.op, exact)
         out.append(ids.setdefault(key if key is not None else ("unique", id(node)), len(ids)))
     return out
+
+
+def node_params_key(node: Node):
+    """params_key of the node's params but its rules, or None. A rule is a function-valued param:
+    a `custom_jvp_call`'s derivative rule is a new function object at every call, even of the
+    same activation, so a key by identity would set every layer apart. Each layer keeps its own
+    rules when stamped (graphopt.stamp), so they need not be equal.
+
+    >>> import graphopt, jax, jax.numpy as jnp
+    >>> g = graphopt.trace(lambda x: jax.nn.relu(jax.nn.relu(x) + 1.0), jnp.ones(3))
+    >>> a, b = [n for n in g.nodes if n.op.name == "custom_jvp_call"]
+    >>> a.params == b.params, node_params_key(a) == node_params_key(b)
+    (False, True)
+    """
+    params = node.params
+    if not any(map(_is_rule, params.values())):
+        return params_key(params)
+    key = params_key({name: value for name, value in params.items() if not _is_rule(value)})
+    return None if key is None else (key, tuple([name for name, value in params.items() if _is_rule(value)]))
+
+
+def rules(node: Node) -> list:
+    """The node's rules (function-valued params), then those of the nodes in its regions."""
+    found = [value for value in node.params.values() if _is_rule(value)]
+    for region in node.regions:
+        for inner in region.nodes:
+            found.extend(rules(inner))
+    return found
+
+
+def _is_rule(value) -> bool:
+    """A function, or one JAX wrapped; not a class (a dtype's scalar type is no rule)."""
+    return isinstance(value, compat.WrappedFun) or (callable(value) and not isinstance(value, type))
+
+
+def _region_key(region: Graph):
+    """A hashable key equal for regions that compute alike: the same nodes (op, exact params,
+    output types, regions) reading the same places, or None (a node with effects, params that
+    cannot be keyed)."""
+    places = {id(a): ("input", i) for i, a in enumerate(region.inputs)}
+    items: list = [tuple([a.type for a in region.inputs])]
+    for n, node in enumerate(region.nodes):
+        exact = node_params_key(node)
+        if node.effects or exact is None:
+            return None
+        inner = tuple([_region_key(r) for r in node.regions])
+        if None in inner:
+            return None
+        items.append((node.op, exact, tuple([places[id(v)] for v in node.inputs]), inner,
+                      tuple([v.type for v in node.outputs])))
+        places.update((id(v), (n, v.index)) for v in node.outputs)
+    items.append(tuple([places[id(v)] for v in region.outputs]))
+    return tuple(items)
 
 
 def _inexact(values, nested: bool = False) -> bool:
@@ -153,19 +211,37 @@ def _coarse_ids(nodes, keys) -> np.ndarray:
     return out
 
 
-def _period(ids: np.ndarray, min_count: int) -> int | None:
-    """The spacing at which the most nodes recur: per kind of node, the commonest gap between
-    one and the next, voted for by how often it occurs."""
+def _period_and_run(ids: np.ndarray, min_count: int) -> tuple[int, int, int] | None:
+    """(period, first, end): of the periods whose longest run holds `min_count` instances and
+    covers at least half as many nodes as the longest such run, the shortest (a period's multiples
+    repeat too), with its run."""
+    runs = {}
+    for period in _periods(ids, min_count):
+        first, end = _longest_run(ids, period)
+        if (end - first) // period >= min_count:
+            runs[period] = (first, end)
+    if not runs:
+        return None
+    longest = max(end - first for first, end in runs.values())
+    period = min(p for p, (first, end) in runs.items() if 2 * (end - first) >= longest)
+    return (period, *runs[period])
+
+
+def _periods(ids: np.ndarray, min_count: int) -> set[int]:
+    """Candidate periods: per kind of node seen `min_count` times or more, the commonest gap
+    between one and the next, the one after and the one after that (a block of two alike halves,
+    conv-BatchNorm-relu twice, has its kinds recur every half, and its period is two gaps)."""
     order = np.argsort(ids, kind="stable")
     bounds = np.flatnonzero(np.diff(ids[order])) + 1
-    votes: dict[int, int] = {}
+    found = set()
     for positions in np.split(order, bounds):
         if len(positions) < min_count:
             continue
-        gaps, counts = np.unique(np.diff(positions), return_counts=True)
-        best = int(np.argmax(counts))
-        votes[int(gaps[best])] = votes.get(int(gaps[best]), 0) + int(counts[best])
-    return max(votes, key=lambda p: (votes[p], -p)) if votes else None
+        for m in (1, 2, 3):
+            gaps, counts = np.unique(positions[m:] - positions[:-m], return_counts=True)
+            if len(gaps):
+                found.add(int(gaps[np.argmax(counts)]))
+    return found
 
 
 def _longest_run(ids: np.ndarray, period: int) -> tuple[int, int]:

@@ -22,10 +22,13 @@ what lies between two boundaries is one instance's optimized nodes. The repeat d
 boundaries where the fewest values cross (at a layer boundary only the residual stream crosses),
 so the rewrites it keeps from being made are those that would span two layers.
 
+Each copy keeps its own layer's module paths and rules: a custom_jvp call's derivative rule is a
+function object per call, which the passes neither compare nor change (graphopt.repeats).
+
 Checked, and else the passes run on the whole graph as usual: layer 2' must equal layer 1' node
-for node (up to parameters and the instance they read), so the passes did treat the instances alike
-and layer 2' is what they make of any later one; the passes must not change the graph's inputs or
-metadata. The report gives the whole graph's counts: the three-instance excerpt's plus K - 3 times
+for node (up to parameters, rules and the instance they read), so the passes did treat the
+instances alike and layer 2' is what they make of any later one; the passes must not change the
+graph's inputs or metadata. The report gives the whole graph's counts: the three-instance excerpt's plus K - 3 times
 what its third instance adds over the two-instance excerpt; a `stamp_layers` row gives the time
 the detection, the excerpts and the copies took, and the node count it made (equal to the count
 the rows predict).
@@ -54,7 +57,7 @@ from collections import Counter
 from graphopt.cost import graph_stats
 from graphopt.ir import Graph, Node
 from graphopt.ops import OpDef
-from graphopt.repeats import Repeat, find_repeat
+from graphopt.repeats import Repeat, find_repeat, node_params_key, rules
 
 # The fewest repeated instances worth stamping: the excerpts hold five in all, and copying is
 # cheaper than optimizing only when many copies are made.
@@ -105,7 +108,11 @@ def run_layerwise(graph: Graph, passes, run, *, min_nodes: int) -> tuple[Graph, 
     if not _alike(instances[1], instances[2], same):
         return None
     template = set(map(id, instances[2]))
-    _stamp(out, repeat, [n for n in out.nodes if id(n) in template], boundaries, params)
+    template = [n for n in out.nodes if id(n) in template]
+    own_rules = _own_rules(repeat, template)
+    if own_rules is None:
+        return None
+    _stamp(out, repeat, template, boundaries, params, own_rules)
     records = _extrapolated(result_two.report.records, result.report.records, repeat.count)
     seconds += time.perf_counter() - start
     after = graph_stats(out)
@@ -185,7 +192,7 @@ def _alike(a: list[Node], b: list[Node], same: dict) -> bool:
     if len(a) != len(b):
         return False
     for x, y in zip(a, b):
-        if (x.op is not y.op or x.params != y.params or len(x.inputs) != len(y.inputs)
+        if (x.op is not y.op or len(x.inputs) != len(y.inputs) or _params_differ(x, y)
                 or [v.type for v in x.outputs] != [v.type for v in y.outputs]
                 or len(x.regions) != len(y.regions) or not all(map(_same_region, x.regions, y.regions))):
             return False
@@ -193,6 +200,13 @@ def _alike(a: list[Node], b: list[Node], same: dict) -> bool:
             return False
         same.update(zip(map(id, x.outputs), y.outputs))
     return True
+
+
+def _params_differ(x: Node, y: Node) -> bool:
+    if x.params is y.params:
+        return False
+    key = node_params_key(x)
+    return key is None or key != node_params_key(y)
 
 
 def _same_region(a: Graph, b: Graph) -> bool:
@@ -204,9 +218,29 @@ def _same_region(a: Graph, b: Graph) -> bool:
             and all(same.get(id(x), x) is y for x, y in zip(a.outputs, b.outputs)))
 
 
-def _stamp(graph: Graph, repeat: Repeat, template: list[Node], boundaries: list[Node], params) -> None:
-    """Copy `template` (instance 2) for instances 3 .. count-1 after the last boundary; the suffix
-    then reads the last copy, and every boundary goes."""
+def _own_rules(repeat: Repeat, template: list[Node]) -> list[dict] | None:
+    """Per instance k, {id(instance 2's rule): instance k's} for the rules (derivative rules of
+    custom_jvp calls: see repeats.node_params_key) at the same place; None when the template holds
+    a rule that is not instance 2's, which could then not be given to each copy."""
+    places = [(j, rules(node)) for j, node in enumerate(repeat.instance(2))]
+    places = [(j, found) for j, found in places if found]
+    kept = {id(rule) for _, found in places for rule in found}
+    if not all(id(rule) in kept for node in template for rule in rules(node)):
+        return None
+    own = [{} for _ in range(repeat.count)]
+    if places:  # most models have no rules: skip the walk over every instance
+        for k in range(repeat.count):
+            nodes = repeat.instance(k)
+            for j, found in places:
+                own[k].update(zip(map(id, found), rules(nodes[j])))
+    return own
+
+
+def _stamp(graph: Graph, repeat: Repeat, template: list[Node], boundaries: list[Node], params,
+           own_rules: list[dict]) -> None:
+    """Copy `template` (instance 2) for instances 3 .. count-1 after the last boundary, each copy
+    with its instance's parameters, module paths and rules; the suffix then reads the last copy,
+    and every boundary goes."""
     last = boundaries[-1]
     readers = [(value, list(value.uses)) for value in last.outputs]
     paths = _module_paths(repeat)
@@ -215,11 +249,11 @@ def _stamp(graph: Graph, repeat: Repeat, template: list[Node], boundaries: list[
         for k in range(3, repeat.count):
             mapping = {id(x): y for x, y in zip(boundaries[1].outputs, previous.outputs)}
             mapping.update((id(x), y) for x, y in zip(params[2], params[k]))
-            rename = paths[k]
+            rename, own = paths[k], own_rules[k]
             for node in template:
                 new = _copy(graph, node, mapping)
-                if rename:
-                    _move(new, rename)
+                if rename or own:
+                    _make_own(new, rename, own)
             previous = graph.add_node(BOUNDARY, [mapping[id(v)] if id(v) in mapping else v for v in last.inputs])
             boundaries.append(previous)
     outputs = list(graph.outputs)
@@ -237,12 +271,16 @@ def _stamp(graph: Graph, repeat: Repeat, template: list[Node], boundaries: list[
         graph.erase(boundary)
 
 
-def _move(node: Node, rename: dict) -> None:
-    """Give the copy of a node, and the nodes of its regions, their own instance's module paths."""
+def _make_own(node: Node, rename: dict, own_rules: dict) -> None:
+    """Give the copy of a node, and the nodes of its regions, their own instance's module paths
+    and rules."""
     for n in [node, *(m for region in node.regions for m in region.walk())]:
         path = n.provenance.module_path
         if path in rename:
             n.provenance = n.provenance.moved(rename[path])
+        for name, value in n.params.items():
+            if id(value) in own_rules:
+                n.params[name] = own_rules[id(value)]
 
 
 def _module_paths(repeat: Repeat) -> list[dict]:

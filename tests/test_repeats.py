@@ -1,6 +1,7 @@
 """graphopt.repeats: the unrolled layers of a traced model, found exactly: which nodes each instance
 holds, which parameters it reads, what it passes on; and where a run of alike layers ends."""
 
+import jax
 import jax.numpy as jnp
 
 import graphopt
@@ -80,3 +81,20 @@ def test_a_mask_made_once_is_read_by_every_layer_as_the_same_value():
     assert r.count == 10
     masks = {id(n.inputs[0]) for k in range(r.count) for n in r.instance(k) if n.op.name == "select_n"}
     assert len(masks) == 1  # the one mask, outside every layer
+
+
+def test_layers_holding_regions_repeat_when_their_regions_compute_alike():
+    def clipped(bounds):
+        def net(ws, x):
+            for w, bound in zip(ws, bounds):
+                x = jax.nn.relu(x @ w) + jax.checkpoint(lambda y, b=bound: jnp.minimum(y, b))(x)
+            return x
+        return net
+
+    r = find_repeat(_trace(clipped([1.0] * 10)))  # relu: custom_jvp; checkpoint: remat
+    assert (r.start, r.count) == (0, 10)
+    assert [n.op.name for n in r.instance(3) if n.regions] == ["custom_jvp_call", "remat"]
+    bounds = [1.0] * 10
+    bounds[6] = 2.0  # the remat region of layer 6 computes another thing: the run stops there
+    r = find_repeat(_trace(clipped(bounds)))
+    assert {int(a.path) for params in r.params for a in params} == set(range(6))

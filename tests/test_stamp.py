@@ -45,8 +45,11 @@ class _Decoder(nn.Module):
 class _ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
-        y = nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(x))
-        return x + jnp.maximum(y, 0.0)
+        # A residual block of two alike halves (its ops recur every half a block), and relu is a
+        # custom_jvp call: a region with its own derivative rule in every layer.
+        y = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(x)))
+        y = nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(y))
+        return nn.relu(x + y)
 
 
 class _Cnn(nn.Module):
@@ -112,6 +115,37 @@ def test_stamped_program_computes_what_the_model_does():
 
     got = graphopt.lower(result.graph)(*prepare(result.graph, variables, tokens))
     np.testing.assert_allclose(got, model.apply(variables, tokens), rtol=2e-5, atol=2e-5)
+
+
+def _scaled_tanh(scale):
+    """tanh with a false derivative, scale times the input's tangent: every layer computes alike,
+    but a layer given another layer's derivative rule shows in the gradient."""
+    @jax.custom_jvp
+    def act(x):
+        return jnp.tanh(x)
+
+    act.defjvp(lambda primals, tangents: (jnp.tanh(primals[0]), scale * tangents[0]))
+    return act
+
+
+def test_each_copy_keeps_its_layers_derivative_rule():
+    activations = [_scaled_tanh(float(i + 1)) for i in range(12)]
+
+    def net(ws, x):
+        for w, act in zip(ws, activations):
+            x = act(x @ w) + x
+        return x.sum()
+
+    ws = [jax.random.normal(jax.random.PRNGKey(i), (8, 8)) * 0.1 for i in range(12)]
+    x = jnp.linspace(-1.0, 1.0, 16).reshape(2, 8)
+    graph = graphopt.trace(net, ws, x, params_argnums=0)
+    plain, stamped = _both(graph, ["canonicalize", "cse", "dce"])
+    assert any(r.name == "stamp_layers" for r in stamped.report.records)
+    assert str(stamped.graph) == str(plain.graph)
+    gradient = jax.grad(graphopt.lower(stamped.graph), argnums=(0, 1))(ws, x)
+    expected = jax.grad(net, argnums=(0, 1))(ws, x)
+    for got, want in zip(jax.tree.leaves(gradient), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_graph_given_is_left_as_it_was():
