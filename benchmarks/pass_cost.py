@@ -1,8 +1,9 @@
 """How long graphopt's default pipeline takes on large graphs, and whether it scales linearly.
 
 Method: an unrolled decoder transformer written in plain JAX (hand-written attention, LayerNorm,
-GELU MLP; small widths, since only graph size matters here) is traced once per size with enough
-layers to reach about 10k, 50k and 100k nodes. Each measurement runs the pipeline on a fresh clone
+GELU MLP; small widths, since only graph size matters here), or with `--model resnet` a Flax linen
+CNN of residual blocks (conv, BatchNorm, relu, twice), is traced once per size with enough layers
+to reach about 10k, 50k and 100k nodes. Each measurement runs the pipeline on a fresh clone
 of the traced graph (cloning is not timed), `--repeats` times; the table shows the median and the
 min–max spread, the time per pass, and time(N) / time(previous N) against the node ratio.
 
@@ -14,7 +15,7 @@ result to the others (graphopt.stamp; the per-pass times are then those on the e
 graph, which shows what the passes themselves cost per node.
 
     python benchmarks/pass_cost.py [--nodes 10000 50000 100000] [--repeats 3] [--pipeline default]
-                                   [--no-stamp] [--json out.json] [--markdown]
+                                   [--model decoder|resnet] [--no-stamp] [--json out.json] [--markdown]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import platform
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from rich.console import Console
@@ -74,7 +76,7 @@ def decoder(params, tokens):
     return x @ params["embed"].T
 
 
-def build_graph(layers: int):
+def build_decoder(layers: int):
     keys = jax.random.split(jax.random.PRNGKey(0), layers + 1)
     params = {"embed": jax.random.normal(keys[0], (VOCAB, WIDTH)),
               "layers": [_layer_params(k) for k in keys[1:]]}
@@ -82,8 +84,36 @@ def build_graph(layers: int):
     return graphopt.trace(decoder, params, tokens, params_argnums=0)
 
 
-def nodes_per_layer() -> float:
-    small, large = build_graph(2), build_graph(4)
+class _ResidualBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(x)))
+        y = nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(y))
+        return nn.relu(x + y)
+
+
+class _ResNet(nn.Module):
+    blocks: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3))(x)
+        for i in range(self.blocks):
+            x = _ResidualBlock(name=f"blocks_{i}")(x)
+        return nn.Dense(10)(x.mean((1, 2)))
+
+
+def build_resnet(layers: int):
+    model, x = _ResNet(layers), jnp.ones((2, 8, 8, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    return graphopt.trace(model.apply, variables, x, params_argnums=0)
+
+
+MODELS = {"decoder": build_decoder, "resnet": build_resnet}
+
+
+def nodes_per_layer(build=build_decoder) -> float:
+    small, large = build(2), build(4)
     return (_count(large) - _count(small)) / 2
 
 
@@ -91,10 +121,11 @@ def _count(graph) -> int:
     return sum(1 for _ in graph.walk())
 
 
-def measure(target: int, per_layer: float, repeats: int, pipeline="default", stamp: bool = True) -> dict:
+def measure(target: int, per_layer: float, repeats: int, pipeline="default", stamp: bool = True,
+            build=build_decoder) -> dict:
     layers = max(1, round(target / per_layer))
     start = time.perf_counter()
-    graph = build_graph(layers)
+    graph = build(layers)
     trace_seconds = time.perf_counter() - start
     totals, cpu, per_pass = [], [], {}
     for _ in range(repeats):
@@ -125,20 +156,22 @@ def main(argv=None):
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--pipeline", default="default", help="a pipeline name or comma-separated passes")
     parser.add_argument("--no-stamp", action="store_true", help="run every pass on the whole graph")
+    parser.add_argument("--model", choices=sorted(MODELS), default="decoder")
     args = parser.parse_args(argv)
     pipeline = args.pipeline if "," not in args.pipeline else args.pipeline.split(",")
     load_before = os.getloadavg()
-    per_layer = nodes_per_layer()
-    rows = [measure(n, per_layer, args.repeats, pipeline, not args.no_stamp) for n in args.nodes]
+    build = MODELS[args.model]
+    per_layer = nodes_per_layer(build)
+    rows = [measure(n, per_layer, args.repeats, pipeline, not args.no_stamp, build) for n in args.nodes]
     for prev, row in zip(rows, rows[1:]):
         row["scaling"] = row["median_s"] / prev["median_s"]
         row["node_ratio"] = row["nodes"] / prev["nodes"]
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                "jax": jax.__version__, "date": datetime.date.today().isoformat(),
                "load_average": {"start": load_before, "end": os.getloadavg()}, "pipeline": args.pipeline,
-               "stamp": not args.no_stamp}
+               "model": args.model, "stamp": not args.no_stamp}
     table = Table("nodes", "layers", "nodes after", "pipeline median (min–max)", "µs/node", "× vs previous",
-                  "slowest passes", title=f"{args.pipeline} pipeline cost ({machine['cpus']} CPUs, jax {machine['jax']})")
+                  "slowest passes", title=f"{args.pipeline} pipeline cost, {args.model} ({machine['cpus']} CPUs, jax {machine['jax']})")
     for row in rows:
         passes = sorted(row["per_pass_s"].items(), key=lambda kv: -kv[1])[:3]
         table.add_row(f"{row['nodes']:,}", str(row["layers"]), f"{row['nodes_after']:,}",
@@ -150,7 +183,7 @@ def main(argv=None):
     if args.markdown:
         load = machine["load_average"]
         print(f"\nMachine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}, "
-              f"JAX {machine['jax']}, {machine['date']}; pipeline {args.pipeline!r}"
+              f"JAX {machine['jax']}, {machine['date']}; pipeline {args.pipeline!r}, model {args.model}"
               f"{'' if machine['stamp'] else ', without stamping'}; load average (1 min) "
               f"{load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end\n")
         print("| nodes | pipeline median (min–max) | CPU s (median) | µs/node | time ratio vs previous size | per pass (median) |")
