@@ -1,9 +1,9 @@
 """How long graphopt's default pipeline takes on large graphs, and whether it scales linearly.
 
 Method: an unrolled decoder transformer written in plain JAX (hand-written attention, LayerNorm,
-GELU MLP; small widths, since only graph size matters here), or with `--model resnet` a Flax linen
-CNN of residual blocks (conv, BatchNorm, relu, twice), is traced once per size with enough layers
-to reach about 10k, 50k and 100k nodes. Each measurement runs the pipeline on a fresh clone
+GELU MLP; small widths, since only graph size matters here), or with `--model resnet` a Flax
+linen CNN of ResNet basic blocks (benchmarks/zoo/resnet.py, width 8), is traced once per size
+with enough layers to reach about 10k, 50k and 100k nodes. Each measurement runs the pipeline on a fresh clone
 of the traced graph (cloning is not timed), `--repeats` times; the table shows the median and the
 min–max spread, the time per pass, and time(N) / time(previous N) against the node ratio.
 
@@ -37,6 +37,7 @@ from rich.table import Table
 
 import graphopt
 from graphopt.pipeline import STAMP_MIN_NODES, run_pipeline
+from zoo.resnet import BasicBlock
 
 WIDTH, HEADS, SEQ, VOCAB = 32, 4, 16, 64
 
@@ -84,14 +85,6 @@ def build_decoder(layers: int):
     return graphopt.trace(decoder, params, tokens, params_argnums=0)
 
 
-class _ResidualBlock(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        y = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(x)))
-        y = nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(y))
-        return nn.relu(x + y)
-
-
 class _ResNet(nn.Module):
     blocks: int
 
@@ -99,7 +92,7 @@ class _ResNet(nn.Module):
     def __call__(self, x):
         x = nn.Conv(8, (3, 3))(x)
         for i in range(self.blocks):
-            x = _ResidualBlock(name=f"blocks_{i}")(x)
+            x = BasicBlock(8, name=f"blocks_{i}")(x)
         return nn.Dense(10)(x.mean((1, 2)))
 
 
