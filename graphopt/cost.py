@@ -78,8 +78,11 @@ def graph_flops(graph) -> tuple[int, bool]:
 
 def param_stats(graph) -> tuple[int, int]:
     """(number of parameter elements, parameter bytes) over the graph's `param` inputs."""
-    params = graph.params()
-    return sum(p.type.size for p in params), sum(p.type.nbytes for p in params)
+    totals = graph._param_totals  # None after the inputs change
+    if totals is None:
+        params = graph.params()
+        totals = graph._param_totals = (sum(p.type.size for p in params), sum(p.type.nbytes for p in params))
+    return totals
 
 
 def graph_bytes(graph) -> int:

@@ -146,6 +146,7 @@ class Graph:
         self._constant_bytes = 0
         self._opaque = 0
         self._holders: dict[Node, None] = {}
+        self._param_totals = None  # (elements, bytes) of the param inputs, kept by graphopt.cost
         self._insert_before: Node | None = None  # default insertion point; see inserting_before
 
     # --- building ------------------------------------------------------------------------------
@@ -153,6 +154,7 @@ class Graph:
     def add_input(self, type: TensorType, role: str = "input", path: str = "") -> Argument:
         arg = Argument(type, self, len(self.inputs), role, path)
         self.inputs.append(arg)
+        self._param_totals = None
         return arg
 
     def add_node(self, op: Op, inputs: Sequence[Value], params: dict | None = None,
@@ -225,6 +227,7 @@ class Graph:
                 not _subset and len(order) != len(self.inputs)):
             raise GraphError("reorder_inputs needs a permutation of the graph's inputs")
         self.inputs = list(order)
+        self._param_totals = None
         for i, arg in enumerate(self.inputs):
             arg.index = i
 
@@ -275,6 +278,23 @@ class Graph:
         new = _copy_node(self, node, inputs, provenance, {})
         self._link(new, before, None)
         return new
+
+    def add_copies(self, nodes: Sequence[Node], mapping: dict) -> list[Node]:
+        """Insert copies of `nodes` in order, as add_copy does, at the insertion point: each reads,
+        for an operand, `mapping[id(operand)]` where there is one, else the operand itself, and
+        maps its outputs there (copying a layer onto the layer before)."""
+        nxt = self._insert_before
+        prev = self._last if nxt is None else nxt._prev
+        get, copies = mapping.get, []
+        for node in nodes:
+            inputs = [get(id(v), v) for v in node.inputs]
+            self._check_inputs(node.op, inputs)
+            new = _copy_node(self, node, inputs, None, {})
+            self._splice(new, prev, nxt)
+            prev = new
+            mapping.update(zip(map(id, node.outputs), new.outputs))
+            copies.append(new)
+        return copies
 
     # --- rewriting -----------------------------------------------------------------------------
 

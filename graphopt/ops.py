@@ -155,10 +155,7 @@ def _param_key(obj):
     if isinstance(obj, complex):
         return (complex, struct.pack("<dd", obj.real, obj.imag))
     if isinstance(obj, np.dtype):
-        key = _DTYPE_KEYS.get(obj)
-        if key is None:  # dtype.name is slow (µs), and dtypes are few
-            key = _DTYPE_KEYS[obj] = (np.dtype, obj.str, obj.name)
-        return key
+        return _dtype_key(obj)
     if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
         return _array_key(obj)
     if isinstance(obj, (tuple, list, dict)):  # subclasses: named tuples, ordered dicts
@@ -173,18 +170,29 @@ def _param_key(obj):
 _DTYPE_KEYS: dict = {}
 
 
+def _dtype_key(dtype: np.dtype):
+    key = _DTYPE_KEYS.get(dtype)
+    if key is None:  # dtype.name is slow (µs), and dtypes are few
+        key = _DTYPE_KEYS[dtype] = (np.dtype, dtype.str, dtype.name)
+    return key
+
+
 def _array_key(value):
     """(dtype, shape, bytes) for small arrays and scalars; identity for large ones."""
-    size = int(np.prod(np.shape(value)))
-    if size > MAX_KEYED_ELEMENTS:
-        return ("id", id(value))
-    try:
-        array = np.asarray(value)
-    except Exception:  # e.g. PRNG key arrays, which have no numpy form
+    if type(value) is np.ndarray:  # most constants: no conversion, no size computation
+        array = value
+    else:
+        if int(np.prod(np.shape(value))) > MAX_KEYED_ELEMENTS:
+            return ("id", id(value))  # before np.asarray, which would copy a device array
+        try:
+            array = np.asarray(value)
+        except Exception:  # e.g. PRNG key arrays, which have no numpy form
+            return ("id", id(value))
+    if array.size > MAX_KEYED_ELEMENTS:
         return ("id", id(value))
     if array.dtype == object:
         raise _Unkeyable("object array")
-    return (array.dtype.str, array.dtype.name, array.shape, array.tobytes())
+    return (_dtype_key(array.dtype), array.shape, array.tobytes())
 
 
 class OpaqueOp(PrimitiveOp):

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 def param_derived_values(graph) -> tuple[dict, set]:
     """id(value) -> (value, source param bytes) for every value computed from params (and
-    constants); and the ids of the values computed from constants only."""
+    constants), in program order, a node's outputs all or none; and the ids of the values
+    computed from constants only."""
     derived = {id(a): (a, a.type.nbytes) for a in graph.params()}
     constant = set()  # ids of values computed from constants only (a scale 1/sqrt(d), say)
     for node in graph.nodes:

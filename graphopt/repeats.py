@@ -203,12 +203,12 @@ def _coarse_ids(nodes, keys) -> np.ndarray:
     """Per node, an id equal for nodes alike up to where their operands come from (the producing
     op, not its place): the same in every instance, whatever the period."""
     ids: dict = {}
-    out = np.empty(len(nodes), np.int64)
-    for i, (node, key) in enumerate(zip(nodes, keys)):
+    out = []
+    for node, key in zip(nodes, keys):
         operands = tuple([(v.node.op, v.index) if v.node is not None else (v.role, v.type)
                           for v in node.inputs])
-        out[i] = ids.setdefault((key, operands), len(ids))
-    return out
+        out.append(ids.setdefault((key, operands), len(ids)))
+    return np.array(out, np.int64)
 
 
 def _period_and_run(ids: np.ndarray, min_count: int) -> tuple[int, int, int] | None:
@@ -291,7 +291,7 @@ def _exact_ids(nodes, keys, position, start, count, period) -> np.ndarray | None
     but their own parameters: operands inside the instance or the one before by relative place,
     anything else by identity. Shape (count, period)."""
     ids: dict = {}
-    out = np.empty(count * period, np.int64)
+    out = []
     for i in range(start, start + count * period):
         j = (i - start) % period
         operands = []
@@ -301,8 +301,8 @@ def _exact_ids(nodes, keys, position, start, count, period) -> np.ndarray | None
                 continue
             offset = i - position[id(v.node)]
             operands.append(("near", offset, v.index) if offset <= j + period else ("far", id(v)))
-        out[i - start] = ids.setdefault((keys[i], tuple(operands)), len(ids))
-    return out.reshape(count, period)
+        out.append(ids.setdefault((keys[i], tuple(operands)), len(ids)))
+    return np.array(out, np.int64).reshape(count, period)
 
 
 def _agreeing(nodes, position, exact, start, count, period) -> tuple[int, int]:

@@ -128,29 +128,18 @@ def excerpt(graph: Graph, repeat: Repeat, m: int) -> tuple[Graph, list[Node]]:
     out.param_argnums, out.prep, out.metadata = graph.param_argnums, graph.prep, dict(graph.metadata)
     mapping = {id(a): out.add_input(a.type, a.role, a.path) for a in graph.inputs}
     boundaries = []
-    for node in repeat.nodes[:repeat.start]:
-        _copy(out, node, mapping)
+    out.add_copies(repeat.nodes[:repeat.start], mapping)
     for k in range(m):
-        for node in repeat.instance(k):
-            _copy(out, node, mapping)
+        out.add_copies(repeat.instance(k), mapping)
         exits = repeat.exit_values(k)
         boundary = out.add_node(BOUNDARY, [mapping[id(v)] for v in exits])
         boundaries.append(boundary)
         mapping.update(zip(map(id, exits), boundary.outputs))
     # The suffix reads the last instance; here that is instance m - 1.
     mapping.update(zip(map(id, repeat.exit_values(repeat.count - 1)), boundaries[-1].outputs))
-    for node in repeat.nodes[repeat.end:]:
-        _copy(out, node, mapping)
+    out.add_copies(repeat.nodes[repeat.end:], mapping)
     out.set_outputs([mapping[id(v)] for v in graph.outputs])
     return out, boundaries
-
-
-def _copy(graph: Graph, node: Node, mapping: dict) -> Node:
-    """Copy `node` into `graph`, its operands looked up in `mapping` (else kept), and map its outputs."""
-    new = graph.add_copy(node, [mapping.get(id(v), v) for v in node.inputs])
-    for old, value in zip(node.outputs, new.outputs):
-        mapping[id(old)] = value
-    return new
 
 
 def _instances(graph: Graph, boundaries: list[Node]) -> list[list[Node]]:
@@ -244,16 +233,16 @@ def _stamp(graph: Graph, repeat: Repeat, template: list[Node], boundaries: list[
     last = boundaries[-1]
     readers = [(value, list(value.uses)) for value in last.outputs]
     paths = _module_paths(repeat)
+    with_rules = [bool(rules(node)) for node in template]
     with graph.inserting_before(last._next):
         previous = last
         for k in range(3, repeat.count):
             mapping = {id(x): y for x, y in zip(boundaries[1].outputs, previous.outputs)}
             mapping.update((id(x), y) for x, y in zip(params[2], params[k]))
             rename, own = paths[k], own_rules[k]
-            for node in template:
-                new = _copy(graph, node, mapping)
-                if rename or own:
-                    _make_own(new, rename, own)
+            for new, has_rules in zip(graph.add_copies(template, mapping), with_rules):
+                if rename or (own and has_rules):
+                    _make_own(new, rename, own if has_rules else {})
             previous = graph.add_node(BOUNDARY, [mapping[id(v)] if id(v) in mapping else v for v in last.inputs])
             boundaries.append(previous)
     outputs = list(graph.outputs)
@@ -274,13 +263,15 @@ def _stamp(graph: Graph, repeat: Repeat, template: list[Node], boundaries: list[
 def _make_own(node: Node, rename: dict, own_rules: dict) -> None:
     """Give the copy of a node, and the nodes of its regions, their own instance's module paths
     and rules."""
-    for n in [node, *(m for region in node.regions for m in region.walk())]:
+    nodes = [node, *(m for region in node.regions for m in region.walk())] if node.regions else (node,)
+    for n in nodes:
         path = n.provenance.module_path
         if path in rename:
             n.provenance = n.provenance.moved(rename[path])
-        for name, value in n.params.items():
-            if id(value) in own_rules:
-                n.params[name] = own_rules[id(value)]
+        if own_rules:
+            for name, value in n.params.items():
+                if id(value) in own_rules:
+                    n.params[name] = own_rules[id(value)]
 
 
 def _module_paths(repeat: Repeat) -> list[dict]:

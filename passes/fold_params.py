@@ -35,16 +35,17 @@ def fold_params(graph, ctx, max_growth: float = 1.0):
     """Move parameter-only computations into the parameter prep graph."""
     if not graph.params() or not graph.param_argnums:
         return graph
-    derived, constant = param_derived_values(graph)
-    frontier = _frontier(graph, derived, constant, max_growth)
+    derived, _ = param_derived_values(graph)
+    frontier = _frontier(derived, max_growth)
     if not frontier:
         return graph
     _check_unique_paths(graph)
-    prep, prep_values = _extend_prep(graph, derived)
+    prep, prep_values = _prep_for(graph)
+    nodes = _derived_nodes(derived)
     _replace_frontier(graph, frontier, prep_values)
-    moved = _erase_folded(graph, derived)
+    _move_to_prep(graph, nodes, prep, prep_values)
     _finish(graph, prep, prep_values)
-    ctx.count({"folded-node": moved, "new-param": len(frontier)})
+    ctx.count({"folded-node": len(nodes), "new-param": len(frontier)})
     return graph
 
 
@@ -52,66 +53,89 @@ def fold_params(graph, ctx, max_growth: float = 1.0):
 _FREE_LAYOUT = frozenset({"reshape", "squeeze", "expand_dims"})
 
 
-def _frontier(graph, derived, constant, max_growth) -> list:
-    """Derived node outputs read by non-derived nodes or returned, worth materializing.
+def _frontier(derived, max_growth) -> list:
+    """Derived node outputs read by non-derived nodes or returned, worth materializing, in
+    program order.
 
     A value too large to materialize, or a free layout change of a parameter, keeps its node in
-    the graph, which makes that node's derived inputs the frontier instead; repeat until stable.
+    the graph (`_stay`), which makes that node's derived operands read from the graph: they are
+    looked at again, until none is kept.
     """
-    while True:
-        frontier, keep = [], []
-        for value, source_bytes in list(derived.values()):
-            if value.node is None:
-                continue  # an original parameter: already an input
-            if not _read_outside(value, derived):
-                continue
-            too_big = value.type.nbytes > max_growth * source_bytes
+    found: set[int] = set()
+    pending = [value for value, _ in derived.values()]
+    while pending:
+        keep = []
+        for value in pending:
+            entry = derived.get(id(value))
+            if value.node is None or entry is None or id(value) in found or not _read_outside(value, derived):
+                continue  # an original parameter (already an input), or not derived any more
+            too_big = value.type.nbytes > max_growth * entry[1]
             free = value.node.op.name in _FREE_LAYOUT and all(v.node is None for v in value.node.inputs
                                                              if id(v) in derived)
-            (keep if too_big or free else frontier).append(value)
-        if not keep:
-            return frontier
-        for value in keep:
-            for out in value.node.outputs:
-                derived.pop(id(out), None)
-        _drop_orphans(derived, constant)
+            if too_big or free:
+                keep.append(value.node)
+            else:
+                found.add(id(value))
+        pending = [operand for node in keep for operand in _stay(node, derived)]
+    return [value for value, _ in derived.values() if id(value) in found]
 
 
 def _read_outside(value, derived) -> bool:
-    """Whether a graph output or a node that stays in the graph reads `value`."""
-    return any(user is None or not all(id(out) in derived for out in user.outputs)
-               for user, _ in value.uses)
+    """Whether a graph output or a node that stays in the graph reads `value`. A node's outputs
+    are derived all or none, so its first tells; a node without outputs (effects) stays."""
+    for user, _ in value.uses:
+        if user is None or not user.outputs or id(user.outputs[0]) not in derived:
+            return True
+    return False
 
 
-def _drop_orphans(derived, constant) -> None:
-    # A derived node whose derived users were all removed may itself now be a frontier: nothing to
-    # do here, _frontier recomputes. But a node whose *inputs* were removed is no longer derived.
-    changed = True
-    while changed:
-        changed = False
-        for key, (value, _) in list(derived.items()):
-            node = value.node
-            if node is not None and any(id(v) not in derived and id(v) not in constant for v in node.inputs):
-                del derived[key]
-                changed = True
+def _stay(node, derived) -> list:
+    """Take `node` out of `derived`, and the derived nodes that read it, in turn (they now read a
+    value computed in the graph); returns the operands of all these, which the graph now reads."""
+    stack, operands = [node], []
+    while stack:
+        node = stack.pop()
+        if id(node.outputs[0]) not in derived:
+            continue  # already taken out
+        for value in node.outputs:
+            del derived[id(value)]
+            stack.extend(user for user, _ in value.uses if user is not None and user.outputs
+                         and id(user.outputs[0]) in derived)
+        operands.extend(node.inputs)
+    return operands
 
 
-def _extend_prep(graph, derived):
-    """The prep graph (old prep extended, or a new one) and the map id(graph value) -> prep value."""
+def _prep_for(graph):
+    """The prep graph (the old prep's clone, or a new one) and the map id(graph value) -> prep
+    value, holding the parameters so far."""
     params = graph.params()
     if graph.prep is None:
         prep = Graph("param_prep")
         outputs = [prep.add_input(p.type, "param", p.path) for p in params]
     else:
-        prep, mapping = graph.prep.graph.clone()
+        prep, _ = graph.prep.graph.clone()
         outputs = list(prep.outputs)
-    prep_values = {id(p): v for p, v in zip(params, outputs)}
-    for node in _derived_nodes(derived):
-        inputs = [_in_prep(value, prep, prep_values) for value in node.inputs]
-        copy = prep.add_copy(node, inputs)
-        for old, new in zip(node.outputs, copy.outputs):
-            prep_values[id(old)] = new
-    return prep, prep_values
+    return prep, {id(p): v for p, v in zip(params, outputs)}
+
+
+def _move_to_prep(graph, nodes, prep, prep_values) -> None:
+    """Move the derived nodes, in program order, from the graph to the end of the prep. Once the
+    frontier reads new parameters, only derived nodes read them (`_frontier` made every value a
+    node that stays reads part of it). Their operands that stay (parameters, constants) are
+    replaced by the prep's own (`_in_prep`: constants are copied first, as other nodes may read
+    them)."""
+    prep_values.update((id(v), v) for node in nodes for v in node.outputs)
+    rewire = []
+    for node in nodes:
+        for i, value in enumerate(node.inputs):
+            new = prep_values.get(id(value))
+            if new is None:
+                new = _in_prep(value, prep, prep_values)
+            if new is not value:
+                rewire.append((node, i, new))
+    prep.move_to_end(nodes, graph)
+    for node, i, new in rewire:
+        node.set_input(i, new)
 
 
 def _in_prep(value, prep, prep_values):
@@ -132,31 +156,14 @@ def _replace_frontier(graph, frontier, prep_values) -> None:
     for value in frontier:
         path = unique_name(param_name(value), taken)
         arg = graph.add_input(value.type, "param", path)
-        prep_values[id(arg)] = prep_values[id(value)]
+        prep_values[id(arg)] = value  # moved into the prep by _move_to_prep
         graph.replace_all_uses(value, arg)
 
 
 def _derived_nodes(derived) -> list:
-    """The nodes all of whose outputs are derived, in program order (`derived` was filled in
-    program order)."""
-    nodes, seen = [], set()
-    for value, _ in derived.values():
-        node = value.node
-        if node is not None and node not in seen:
-            seen.add(node)
-            if all(id(v) in derived for v in node.outputs):
-                nodes.append(node)
-    return nodes
-
-
-def _erase_folded(graph, derived) -> int:
-    """Erase the folded nodes (now unused), readers first; returns how many."""
-    erased = 0
-    for node in reversed(_derived_nodes(derived)):
-        if not any(v.uses for v in node.outputs):
-            graph.erase(node)
-            erased += 1
-    return erased
+    """The derived nodes in program order (`derived` was filled in program order). A node's
+    outputs are derived all or none: its first output stands for it."""
+    return [value.node for value, _ in derived.values() if value.node is not None and value.index == 0]
 
 
 def _check_unique_paths(graph) -> None:

@@ -166,3 +166,24 @@ def test_running_totals_follow_links_moves_and_modifications():
     with pytest.raises(GraphError, match="belongs to another graph"):
         region.move_to_end([c], region)
     assert c.graph is g and len(g) == 1  # nothing moved
+
+
+def test_add_copies_chains_a_layer_onto_the_one_before_at_the_insertion_point():
+    from graphopt.cost import graph_stats
+
+    g, x, s, c = _sin_cos_graph()
+    mapping = {id(x): c.output}  # the copy of sin reads cos: sin, cos, sin, cos
+    copies = g.add_copies([s, c], mapping)  # at the end
+    assert [n.op.name for n in g.nodes] == ["sin", "cos", "sin", "cos"]
+    assert copies[0].inputs == [c.output] and copies[1].inputs == [copies[0].output]
+    assert mapping[id(c.output)] is copies[1].output and c.output.users() == [copies[0]]
+    g.set_outputs([copies[1].output])
+    g.verify()
+    assert graph_stats(g) == (4, 12, 0)
+    head = g.add_node(primitive_op(jax.lax.neg_p), [x], before=s)
+    with g.inserting_before(s):
+        (copy,) = g.add_copies([s], {id(x): head.output})  # between neg and the first sin
+    assert list(g.nodes)[:3] == [head, copy, s]
+    g.verify()
+    with pytest.raises(GraphError, match="another graph"):
+        Graph().add_copies([s], {})

@@ -161,3 +161,23 @@ def test_weights_scaled_by_constant_expressions_are_precomputed():
     assert result.report.records[0].fired["new-param"] == 1
     args = graphopt.prepare(result.graph, params, x)
     assert_equivalent(jax.jit(graphopt.lower(result.graph))(*args), jax.jit(fn)(params, x), exact=True)
+
+
+def test_a_weight_read_by_an_effect_is_handed_in_as_a_parameter():
+    """A node with effects and no outputs (a debug callback) stays in the graph; the derived
+    value it reads crosses into it as a new parameter, read there by the dot as well."""
+    seen = []
+
+    def fn(params, x):
+        scaled = params["w"].T * 2.0
+        jax.debug.callback(lambda a: seen.append(np.asarray(a)), scaled)
+        return x @ scaled
+
+    params, x = {"w": jnp.arange(6.0).reshape(2, 3)}, jnp.ones((4, 3))
+    graph = graphopt.trace(fn, params, x, params_argnums=0)
+    result = run_pipeline(graph, ["fold_params", "dce"], debug=True)
+    assert [n.op.name for n in result.graph.nodes] == ["debug_callback", "dot_general"]
+    assert [a.path for a in result.graph.params()] == ["w:mul"]
+    args = graphopt.prepare(result.graph, params, x)
+    assert_equivalent(graphopt.lower(result.graph)(*args), fn(params, x), exact=True)
+    np.testing.assert_array_equal(seen[-1], np.arange(6.0).reshape(2, 3).T * 2.0)
