@@ -179,16 +179,13 @@ def _dtype_key(dtype: np.dtype):
 
 def _array_key(value):
     """(dtype, shape, bytes) for small arrays and scalars; identity for large ones."""
-    if type(value) is np.ndarray:  # most constants: no conversion, no size computation
-        array = value
-    else:
-        if int(np.prod(np.shape(value))) > MAX_KEYED_ELEMENTS:
-            return ("id", id(value))  # before np.asarray, which would copy a device array
-        try:
-            array = np.asarray(value)
-        except Exception:  # e.g. PRNG key arrays, which have no numpy form
-            return ("id", id(value))
-    if array.size > MAX_KEYED_ELEMENTS:
+    # Sized before np.asarray, which would copy a device array; most constants are ndarrays.
+    size = value.size if type(value) is np.ndarray else int(np.prod(np.shape(value)))
+    if size > MAX_KEYED_ELEMENTS:
+        return ("id", id(value))
+    try:
+        array = np.asarray(value)  # an ndarray as it is
+    except Exception:  # e.g. PRNG key arrays, which have no numpy form
         return ("id", id(value))
     if array.dtype == object:
         raise _Unkeyable("object array")
